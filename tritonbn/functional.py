@@ -1,0 +1,73 @@
+"""tritonbn.functional.batch_norm: torch.nn.functional.batch_norm, then the activation."""
+from __future__ import annotations
+
+import torch
+
+from . import ops, reference
+from .autograd import BatchNormFunction
+
+
+def check_activation(activation):
+    if activation not in ops.ACTIVATIONS:
+        choices = ", ".join(repr(a) for a in ops.ACTIVATIONS)
+        raise ValueError(f"activation must be one of {choices}; got {activation!r}")
+    return activation
+
+
+def _check(input, running_mean, running_var, weight, bias, training):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if not t.is_floating_point():
+            raise NotImplementedError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
+                               f"{t.device} and input is on {input.device}")
+    if training:
+        size_prods = input.shape[0]
+        for n in input.shape[2:]:
+            size_prods *= n
+        if size_prods == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+    elif running_mean is None or running_var is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, activation=None):
+    """Batch normalization over (N, C, *) input, then ``activation`` (None or "relu").
+
+    Same arguments and semantics as :func:`torch.nn.functional.batch_norm`:
+    ``training=True`` normalizes with the batch statistics (biased variance) and
+    updates ``running_mean``/``running_var`` in place when given (unbiased
+    variance, factor ``momentum``); ``training=False`` uses the running stats.
+    CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton
+    kernels; other CPU tensors run torch's own batch_norm.
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       check_activation(activation))
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                activation, num_batches_tracked=None):
+    """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked."""
+    _check(input, running_mean, running_var, weight, bias, training)
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
+                        "module's num_batches_tracked)")
+    if not ops.uses_triton(input):
+        return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, activation, num_batches_tracked)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, bool(training), momentum, eps, activation)

@@ -1,0 +1,21 @@
+"""Pure ``@triton.jit`` kernels. Nothing here touches torch or autograd.
+
+Every kernel sees its tensor as a strided view ``(outer, C, inner)`` and walks
+it in 2-D tiles of ``[BLOCK_M, BLOCK_C]``: ``BLOCK_M`` positions of the reduced
+axis by ``BLOCK_C`` channels. ``CHANNEL_LAST`` (a constexpr) picks how a tile
+index maps to memory: rows of the contiguous ``C`` axis (channels_last, (N, C))
+or a block of the contiguous spatial axis for one ``outer`` index (NCHW, NCL).
+All kernels run on a grid of (channel blocks) x (splits of the tile range).
+"""
+from .backward import bwd_combine_kernel, bwd_dx_kernel, bwd_reduce_kernel
+from .normalize import normalize_kernel
+from .stats import stats_combine_kernel, stats_partial_kernel
+
+__all__ = [
+    "stats_partial_kernel",
+    "stats_combine_kernel",
+    "normalize_kernel",
+    "bwd_reduce_kernel",
+    "bwd_combine_kernel",
+    "bwd_dx_kernel",
+]

@@ -1,0 +1,102 @@
+"""Backward, with dy' = dy * act'(pre) recomputed from x and the saved stats.
+
+pass 1  bwd_reduce_kernel   partials[0, split, c] = sum dy', [1, split, c] = sum dy' * xhat
+pass 2  bwd_combine_kernel  sums[0, c], sums[1, c]; dbias = sum dy', dweight = sum dy' * xhat
+dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat * sum dy'xhat/M)
+                            eval:     dx = w * invstd * dy'
+"""
+import triton
+import triton.language as tl
+
+from .common import act_grad, channel_block, channel_params, tile_range, tile_rows
+
+
+@triton.jit
+def bwd_reduce_kernel(
+    x_ptr, dy_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+    INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+):
+    c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
+    mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
+                                        FROM_VAR, HAS_W, HAS_B, ACC)
+    scale = invstd * w
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    t0, t1 = tile_range(n_tiles, tiles_per_split)
+    for t in range(t0, t1):
+        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                                BLOCK_M, CHANNEL_LAST, INT64)
+        mask = rmask[:, None] & cmask[None, :]
+        ptrs = offs[:, None] + coffs[None, :]
+        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        xc = x - mean[None, :]
+        # the pre-activation exactly as normalize_kernel computed it
+        dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
+        xhat = xc * invstd[None, :]
+        sum_dy += tl.sum(dy, axis=0)
+        sum_dy_xhat += tl.sum(dy * xhat, axis=0)
+    split_offs = tl.program_id(1) * C + c
+    plane = tl.num_programs(1) * C
+    tl.store(partials_ptr + split_offs, sum_dy, mask=cmask)
+    tl.store(partials_ptr + plane + split_offs, sum_dy_xhat, mask=cmask)
+
+
+@triton.jit
+def bwd_combine_kernel(
+    partials_ptr, sums_ptr, dw_ptr, db_ptr, C, SPLIT,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    plane = SPLIT * C
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < SPLIT)[:, None] & cmask[None, :]
+        offs = s[:, None] * C + c[None, :]
+        sum_dy += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(partials_ptr + plane + offs, mask=mask, other=0.0), axis=0)
+    tl.store(sums_ptr + c, sum_dy, mask=cmask)
+    tl.store(sums_ptr + C + c, sum_dy_xhat, mask=cmask)
+    if HAS_DW:
+        tl.store(dw_ptr + c, sum_dy_xhat.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def bwd_dx_kernel(
+    x_ptr, dy_ptr, dx_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, count,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+    INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+):
+    c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
+    mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
+                                        FROM_VAR, HAS_W, HAS_B, ACC)
+    scale = invstd * w
+    if TRAINING:
+        mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / count
+        mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / count
+    t0, t1 = tile_range(n_tiles, tiles_per_split)
+    for t in range(t0, t1):
+        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                                BLOCK_M, CHANNEL_LAST, INT64)
+        mask = rmask[:, None] & cmask[None, :]
+        ptrs = offs[:, None] + coffs[None, :]
+        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        xc = x - mean[None, :]
+        # the pre-activation exactly as normalize_kernel computed it
+        dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
+        xhat = xc * invstd[None, :]
+        if TRAINING:
+            dy = dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]
+        tl.store(dx_ptr + ptrs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)

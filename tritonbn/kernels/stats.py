@@ -1,0 +1,98 @@
+"""Per-channel statistics: partial Welford/Chan reduction, then the combine.
+
+pass 1  stats_partial_kernel   grid (channel blocks, splits)
+        partials[0, split, c] = mean, [1, split, c] = M2, [2, split, c] = count
+pass 2  stats_combine_kernel   grid (channel blocks,)
+        mean, invstd (saved for backward) and the running-stat update, in place.
+"""
+import triton
+import triton.language as tl
+
+from .common import channel_block, tile_range, tile_rows
+
+
+@triton.jit
+def stats_partial_kernel(
+    x_ptr, partials_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+    INT64: tl.constexpr, ACC: tl.constexpr,
+):
+    c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
+    t0, t1 = tile_range(n_tiles, tiles_per_split)
+    n = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for t in range(t0, t1):
+        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                                BLOCK_M, CHANNEL_LAST, INT64)
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + offs[:, None] + coffs[None, :], mask=mask, other=0.0).to(ACC)
+        # The tile's own mean and M2 (shifted by its mean, so 1e4 + randn keeps
+        # its digits), merged into the running ones with Chan's formula.
+        tn = tl.sum(rmask.to(ACC), axis=0)
+        tmean = tl.sum(x, axis=0) / tn
+        d = tl.where(mask, x - tmean[None, :], 0.0)
+        tm2 = tl.sum(d * d, axis=0)
+        n_new = n + tn
+        delta = tmean - mean
+        mean = mean + delta * (tn / n_new)
+        m2 = m2 + tm2 + delta * delta * (n * tn / n_new)
+        n = n_new
+    split_offs = tl.program_id(1) * C + c
+    plane = tl.num_programs(1) * C
+    tl.store(partials_ptr + split_offs, mean, mask=cmask)
+    tl.store(partials_ptr + plane + split_offs, m2, mask=cmask)
+    tl.store(partials_ptr + 2 * plane + split_offs, n, mask=cmask)
+
+
+@triton.jit
+def stats_combine_kernel(
+    partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+    C, SPLIT, count, momentum, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    MOMENTUM_FROM_NBT: tl.constexpr, ACC: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    plane = SPLIT * C
+    # Chan's parallel combine in two sweeps: the overall mean first, then
+    # M2 = sum(M2_s) + sum(n_s * (mean_s - mean)^2), every term non-negative.
+    n = tl.zeros([BLOCK_C], ACC)
+    weighted = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < SPLIT)[:, None] & cmask[None, :]
+        offs = s[:, None] * C + c[None, :]
+        pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0)
+        pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        n += tl.sum(pn, axis=0)
+        weighted += tl.sum(pn * pmean, axis=0)
+    mean = weighted / n
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < SPLIT)[:, None] & cmask[None, :]
+        offs = s[:, None] * C + c[None, :]
+        pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0)
+        pm2 = tl.load(partials_ptr + plane + offs, mask=mask, other=0.0)
+        pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        d = tl.where(mask, pmean - mean[None, :], 0.0)
+        m2 += tl.sum(pm2 + pn * d * d, axis=0)
+    var = m2 / n
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if UPDATE_RUNNING:
+        if MOMENTUM_FROM_NBT:
+            # momentum=None: cumulative average, factor 1/num_batches_tracked,
+            # read on the device so the host never syncs.
+            factor = 1.0 / tl.load(nbt_ptr).to(ACC)
+        else:
+            factor = momentum
+        rmean = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
+        rvar = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
+        unbiased = var * (count / (count - 1.0))
+        rmean = (1.0 - factor) * rmean + factor * mean
+        rvar = (1.0 - factor) * rvar + factor * unbiased
+        tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)

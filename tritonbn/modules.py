@@ -1,0 +1,99 @@
+"""Drop-in BatchNorm1d/2d/3d: torch.nn's modules, with a fused activation.
+
+They subclass torch.nn.BatchNorm1d/2d/3d, so isinstance checks against
+nn.modules.batchnorm._BatchNorm hold, state_dict keys are identical and
+load_state_dict works both ways with torch's modules.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .functional import _batch_norm, check_activation
+
+
+class _BatchNormAct:
+    """forward() of torch's _BatchNorm, verbatim in its semantics, on tritonbn's kernels."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, activation=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = check_activation(activation)
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        nbt = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum, nbt = None, self.num_batches_tracked  # 1/nbt, read on the device
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return _batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, momentum, self.eps, self.activation, nbt,
+        )
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNorm1d(_BatchNormAct, nn.BatchNorm1d):
+    r"""torch.nn.BatchNorm1d over (N, C) or (N, C, L), with an optional fused activation.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype:
+            as for :class:`torch.nn.BatchNorm1d`.
+        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+
+    Shape:
+        Input (N, C) or (N, C, L); output the same shape and memory format.
+
+    Examples::
+
+        >>> m = tritonbn.BatchNorm1d(100, activation="relu")
+        >>> y = m(torch.randn(20, 100))
+    """
+
+
+class BatchNorm2d(_BatchNormAct, nn.BatchNorm2d):
+    r"""torch.nn.BatchNorm2d over (N, C, H, W), with an optional fused activation.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype:
+            as for :class:`torch.nn.BatchNorm2d`.
+        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+
+    Shape:
+        Input (N, C, H, W), contiguous or channels_last; output the same shape and
+        memory format.
+
+    Examples::
+
+        >>> m = tritonbn.BatchNorm2d(64, activation="relu")   # = nn.BatchNorm2d(64) + nn.ReLU()
+        >>> y = m(torch.randn(8, 64, 32, 32))
+    """
+
+
+class BatchNorm3d(_BatchNormAct, nn.BatchNorm3d):
+    r"""torch.nn.BatchNorm3d over (N, C, D, H, W), with an optional fused activation.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype:
+            as for :class:`torch.nn.BatchNorm3d`.
+        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+
+    Shape:
+        Input (N, C, D, H, W), contiguous or channels_last_3d; output the same shape
+        and memory format.
+
+    Examples::
+
+        >>> m = tritonbn.BatchNorm3d(16, activation="relu")
+        >>> y = m(torch.randn(2, 16, 4, 8, 8))
+    """
