@@ -71,6 +71,12 @@ def _combine_blocks(C: int, split: int):
     return (triton.cdiv(C, BLOCK_C),), BLOCK_C, BLOCK_S
 
 
+def _fp32_pair(value: float) -> tuple[float, float]:
+    """value as hi + lo, both exact float32s, for float64 scalars in kernels."""
+    hi = torch.tensor(value, dtype=torch.float32).item()
+    return hi, float(value) - hi
+
+
 def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps):
     """Batch mean and invstd (fp32, fp64 for fp64 x); running stats updated in place.
 
@@ -91,7 +97,7 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
         partials, mean, invstd,
         running_mean if update else mean, running_var if update else mean,
         num_batches_tracked if from_nbt else mean,
-        v.C, grid[1], float(v.count), 0.0 if momentum is None else float(momentum), float(eps),
+        v.C, grid[1], v.count, *_fp32_pair(momentum or 0.0), float(eps),
         BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, UPDATE_RUNNING=update,
         MOMENTUM_FROM_NBT=from_nbt, ACC=_acc(x.dtype)[1],
     )
@@ -154,6 +160,6 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         grid, kw = _launch("elementwise", x, v)
         K.bwd_dx_kernel[grid](
             x, dy, dx, mean, s, w, b, sums if sums is not None else s,
-            count=float(v.count), TRAINING=batch, **common, **kw,
+            count=v.count, TRAINING=batch, **common, **kw,
         )
     return dx, dw, db

@@ -83,8 +83,9 @@ def bwd_dx_kernel(
                                         FROM_VAR, HAS_W, HAS_B, ACC)
     scale = invstd * w
     if TRAINING:
-        mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / count
-        mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / count
+        m = tl.cast(count, ACC)
+        mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / m
+        mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / m
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
         offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,

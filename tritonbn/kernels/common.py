@@ -89,5 +89,5 @@ def act_grad(dy, pre, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
     """dy * act'(pre). The ReLU mask is taken on the output-dtype value, as torch
     takes it on the rounded output, and passes NaN through as torch does."""
     if ACT == ACT_RELU:
-        dy = tl.where(pre.to(OUT_DTYPE) <= 0.0, 0.0, dy)
+        dy = tl.where(pre.to(OUT_DTYPE).to(pre.dtype) <= 0.0, 0.0, dy)
     return dy

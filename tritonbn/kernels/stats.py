@@ -49,7 +49,7 @@ def stats_partial_kernel(
 @triton.jit
 def stats_combine_kernel(
     partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
-    C, SPLIT, count, momentum, eps,
+    C, SPLIT, count, momentum_hi, momentum_lo, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     MOMENTUM_FROM_NBT: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -68,6 +68,7 @@ def stats_combine_kernel(
         pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
         n += tl.sum(pn, axis=0)
         weighted += tl.sum(pn * pmean, axis=0)
+    n = tl.where(cmask, n, 1.0)  # lanes past C: no 0/0
     mean = weighted / n
     m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, SPLIT, BLOCK_S):
@@ -88,10 +89,12 @@ def stats_combine_kernel(
             # read on the device so the host never syncs.
             factor = 1.0 / tl.load(nbt_ptr).to(ACC)
         else:
-            factor = momentum
+            # a float64 momentum arrives as two float32 halves (kernel float args are fp32)
+            factor = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
         rmean = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
         rvar = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
-        unbiased = var * (count / (count - 1.0))
+        m = tl.cast(count, ACC)
+        unbiased = var * (m / (m - 1.0))
         rmean = (1.0 - factor) * rmean + factor * mean
         rvar = (1.0 - factor) * rvar + factor * unbiased
         tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
