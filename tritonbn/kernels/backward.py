@@ -27,7 +27,7 @@ def bwd_reduce_kernel(
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
-        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+        offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
@@ -88,7 +88,7 @@ def bwd_dx_kernel(
         mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / m
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
-        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+        offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]

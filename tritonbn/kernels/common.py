@@ -29,25 +29,29 @@ def tile_range(n_tiles, tiles_per_split):
 @triton.jit
 def tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
               BLOCK_M: tl.constexpr, CHANNEL_LAST: tl.constexpr, INT64: tl.constexpr):
-    """Memory offsets and validity of the BLOCK_M reduced-axis positions of tile t.
+    """Memory offsets and validity of the BLOCK_M reduced-axis positions of tile t,
+    and the offset of its first position.
 
     channel-last:  tile t = rows [t*BLOCK_M, (t+1)*BLOCK_M) of the outer axis.
     channel-first: tile t = (o, b), o = t // n_inner_tiles, positions
                    [b*BLOCK_M, (b+1)*BLOCK_M) of the contiguous inner axis.
     """
-    if INT64:
-        t = t.to(tl.int64)
     m = tl.arange(0, BLOCK_M)
+    if INT64:
+        t = tl.cast(t, tl.int64)
+        m = m.to(tl.int64)
     if CHANNEL_LAST:
-        rows = t * BLOCK_M + m
-        rmask = rows < OUTER
-        offs = rows * s_outer
+        pos = t * BLOCK_M
+        base = pos * s_outer
+        step = s_outer
+        limit = OUTER
     else:
         o = t // n_inner_tiles
-        i = (t - o * n_inner_tiles) * BLOCK_M + m
-        rmask = i < INNER
-        offs = o * s_outer + i * s_inner
-    return offs, rmask
+        pos = (t - o * n_inner_tiles) * BLOCK_M
+        base = o * s_outer + pos * s_inner
+        step = s_inner
+        limit = INNER
+    return base + m * step, pos + m < limit, base
 
 
 @triton.jit

@@ -23,7 +23,7 @@ def normalize_kernel(
     scale = invstd * w
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
-        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+        offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]

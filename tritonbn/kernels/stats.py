@@ -20,16 +20,22 @@ def stats_partial_kernel(
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
+    # Shift by the first value of this program's range, per channel, so the sums
+    # below are of x - shift: 1e4 + randn sums like randn and keeps its digits.
+    _, _, first = tile_rows(t0, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                            BLOCK_M, CHANNEL_LAST, INT64)
+    shift = tl.load(x_ptr + first + coffs, mask=cmask, other=0.0).to(ACC)
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for t in range(t0, t1):
-        offs, rmask = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+        offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(x_ptr + offs[:, None] + coffs[None, :], mask=mask, other=0.0).to(ACC)
-        # The tile's own mean and M2 (shifted by its mean, so 1e4 + randn keeps
-        # its digits), merged into the running ones with Chan's formula.
+        x = tl.where(mask, x - shift[None, :], 0.0)
+        # The tile's own mean and M2 (about its own mean), merged into the
+        # running ones with Chan's formula.
         tn = tl.sum(rmask.to(ACC), axis=0)
         tmean = tl.sum(x, axis=0) / tn
         d = tl.where(mask, x - tmean[None, :], 0.0)
@@ -41,7 +47,7 @@ def stats_partial_kernel(
         n = n_new
     split_offs = tl.program_id(1) * C + c
     plane = tl.num_programs(1) * C
-    tl.store(partials_ptr + split_offs, mean, mask=cmask)
+    tl.store(partials_ptr + split_offs, shift + mean, mask=cmask)
     tl.store(partials_ptr + plane + split_offs, m2, mask=cmask)
     tl.store(partials_ptr + 2 * plane + split_offs, n, mask=cmask)
 
@@ -58,6 +64,7 @@ def stats_combine_kernel(
     plane = SPLIT * C
     # Chan's parallel combine in two sweeps: the overall mean first, then
     # M2 = sum(M2_s) + sum(n_s * (mean_s - mean)^2), every term non-negative.
+    shift = tl.load(partials_ptr + c, mask=cmask, other=0.0)  # split 0's mean
     n = tl.zeros([BLOCK_C], ACC)
     weighted = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, SPLIT, BLOCK_S):
@@ -67,9 +74,9 @@ def stats_combine_kernel(
         pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0)
         pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
         n += tl.sum(pn, axis=0)
-        weighted += tl.sum(pn * pmean, axis=0)
+        weighted += tl.sum(pn * (pmean - shift[None, :]), axis=0)
     n = tl.where(cmask, n, 1.0)  # lanes past C: no 0/0
-    mean = weighted / n
+    mean = shift + weighted / n
     m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, SPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
