@@ -1,0 +1,168 @@
+"""The Triton kernels themselves: every element written, any layout or tiling,
+and no PyTorch fallback under the interpreter."""
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tritonbn
+import tritonbn.functional as TF
+from conftest import DEVICE, assert_close, make_input
+from tritonbn import ops, reference
+from tritonbn.heuristics import Config
+
+FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+class _Poisoned(types.SimpleNamespace):
+    """Stands in for `torch` inside tritonbn.ops: every buffer it allocates is NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(ops, "torch", _Poisoned())
+
+
+@pytest.mark.parametrize("cfg", [None, Config(BLOCK_M=2, BLOCK_C=2, split=5),
+                                 Config(BLOCK_M=8, BLOCK_C=1, split=2)])
+@pytest.mark.parametrize("shape,fmt", [((5, 7), None), ((3, 7, 5), None),
+                                       ((3, 7, 5, 3), None), ((3, 7, 5, 3), torch.channels_last),
+                                       ((2, 7, 3, 2, 3), torch.channels_last_3d)])
+def test_every_element_written(poisoned, shape, fmt, cfg):
+    """Outputs, partials, stats and grads all start as NaN; none may survive."""
+    x = make_input(shape, memory_format=fmt or torch.contiguous_format, requires_grad=True)
+    m = tritonbn.BatchNorm1d if len(shape) < 4 else (
+        tritonbn.BatchNorm2d if len(shape) == 4 else tritonbn.BatchNorm3d)
+    bn = m(shape[1], activation="relu", device=DEVICE)
+    with ops.launch_overrides(reduce=cfg, elementwise=cfg):
+        y = bn(x)
+        y.backward(make_input(shape, memory_format=fmt or torch.contiguous_format))
+        bn.eval()
+        y_eval = bn(x)
+        y_eval.backward(torch.ones_like(y_eval))
+    for t in (y, x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var, y_eval):
+        assert not torch.isnan(t).any()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 4), c=st.integers(1, 9),
+    spatial=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+    channels_last=st.booleans(), act=st.sampled_from([None, "relu"]),
+    affine=st.booleans(), training=st.booleans(),
+    block_m=st.sampled_from([None, 1, 2, 4, 16]), block_c=st.sampled_from([1, 2, 4, 16]),
+    split=st.integers(1, 6), mean=st.floats(-100, 100), std=st.floats(0.1, 10),
+)
+def test_property_random_shapes(n, c, spatial, channels_last, act, affine, training,
+                                block_m, block_c, split, mean, std):
+    shape = (n, c, *spatial)
+    count = n
+    for s in spatial:
+        count *= s
+    if training and count == 1:
+        return  # torch raises; tested in test_api
+    fmt = FORMATS.get(len(shape)) if channels_last else None
+    x = make_input(shape, memory_format=fmt or torch.contiguous_format, mean=mean, std=std,
+                   requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64, device=DEVICE) + 0.5) if affine else None
+    b = torch.randn(c, dtype=torch.float64, device=DEVICE) if affine else None
+    rm = torch.randn(c, dtype=torch.float64, device=DEVICE) + mean
+    rv = torch.rand(c, dtype=torch.float64, device=DEVICE) * std**2 + 0.1
+    rm32, rv32 = rm.float(), rv.float()
+    cfg = Config(block_m, block_c, split) if block_m else None
+    with ops.launch_overrides(reduce=cfg, elementwise=cfg):
+        y = TF.batch_norm(x, rm32, rv32, w.float() if affine else None,
+                          b.float() if affine else None, training, 0.2, activation=act)
+        y.backward(torch.ones_like(y))
+    y_ref = torch.nn.functional.batch_norm(x64, rm, rv, w, b, training, 0.2)
+    if act == "relu":
+        y_ref = torch.relu(y_ref)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert y.stride() == x.stride()
+    assert_close(y, y_ref, torch.float32, 8)
+    assert_close(rm32, rm, torch.float32, abs(mean) + 1)
+    assert_close(rv32, rv, torch.float32, std**2 + 1)
+    # dx has near-cancelling terms in training: scale its tolerance with 1/std
+    assert_close(x.grad, x64.grad, torch.float32, 8 / std)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_input((4, 6, 8, 5))[:, ::2],                      # strided channels
+    lambda: make_input((4, 3, 8, 10))[..., ::2],                    # strided spatial
+    lambda: make_input((3, 4, 5, 6)).permute(0, 1, 3, 2),           # transposed H/W
+    lambda: make_input((8, 3, 4, 4)).permute(2, 1, 0, 3).contiguous().permute(2, 1, 0, 3),
+    lambda: make_input((5, 3)).t().contiguous().t(),                # (N, C) column-major
+])
+def test_other_strides(make):
+    x = make().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    C = x.shape[1]
+    m = (tritonbn.BatchNorm2d if x.dim() == 4 else tritonbn.BatchNorm1d)(C, activation="relu",
+                                                                        device=DEVICE)
+    r = (torch.nn.BatchNorm2d if x.dim() == 4 else torch.nn.BatchNorm1d)(
+        C, dtype=torch.float64, device=DEVICE)
+    y, y_ref = m(x), torch.relu(r(x64))
+    assert_close(y, y_ref, torch.float32, 4)
+    dy = make_input(tuple(x.shape)).transpose(0, 1).contiguous().transpose(0, 1)  # other strides
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close(x.grad, x64.grad, torch.float32, 4)
+    assert_close(m.running_var, r.running_var, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on the CPU")
+def test_interpreter_runs_the_triton_kernels(monkeypatch):
+    """Under TRITON_INTERPRET=1 the kernels run: the PyTorch path is never taken."""
+    assert ops.interpreting() and ops.uses_triton(torch.empty(1))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("PyTorch fallback used under the interpreter")
+
+    monkeypatch.setattr(reference, "batch_norm", forbidden)
+    launched = []
+    for name in ("stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel"):
+        kernel = getattr(ops.K, name)
+        monkeypatch.setattr(ops.K, name, _Recorder(kernel, name, launched))
+    m = tritonbn.BatchNorm2d(3, activation="relu")
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    m(x).sum().backward()
+    assert launched == ["stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel"]
+
+
+class _Recorder:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def test_cpu_without_interpreter_uses_torch(monkeypatch):
+    """Outside the interpreter a CPU tensor takes the documented plain-PyTorch path,
+    with the same semantics (momentum=None included)."""
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    called = []
+    real = reference.batch_norm
+    monkeypatch.setattr(reference, "batch_norm", lambda *a, **k: called.append(1) or real(*a, **k))
+    ours = tritonbn.BatchNorm2d(3, momentum=None, activation="relu")
+    ref = torch.nn.BatchNorm2d(3, momentum=None)
+    for _ in range(3):
+        x = torch.randn(2, 3, 4, 4) + 1
+        torch.testing.assert_close(ours(x), torch.relu(ref(x)))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert called == [1, 1, 1]
