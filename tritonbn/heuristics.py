@@ -43,8 +43,12 @@ def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; an H100's 132 when planning a launch off the GPU
+    (ahead-of-time compile checks)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def heuristic(kind: str, v: View, elem_size: int, device: torch.device, interpret: bool) -> Config:
@@ -61,7 +65,7 @@ def heuristic(kind: str, v: View, elem_size: int, device: torch.device, interpre
     if interpret:
         programs = 4
     else:
-        programs = (4 if kind == "reduce" else 8) * _sm_count(device.index or 0)
+        programs = (4 if kind == "reduce" else 8) * _sm_count(device)
     split = max(1, programs // triton.cdiv(v.C, BLOCK_C))
     if kind == "reduce":
         split = min(split, 1024)  # keeps the combine's sweep short

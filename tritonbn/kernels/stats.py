@@ -22,8 +22,8 @@ def stats_partial_kernel(
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     # Shift by the first value of this program's range, per channel, so the sums
     # below are of x - shift: 1e4 + randn sums like randn and keeps its digits.
-    _, _, first = tile_rows(t0, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
-                            BLOCK_M, CHANNEL_LAST, INT64)
+    first_offs, first_mask, first = tile_rows(t0, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                                              BLOCK_M, CHANNEL_LAST, INT64)
     shift = tl.load(x_ptr + first + coffs, mask=cmask, other=0.0).to(ACC)
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
