@@ -1,0 +1,105 @@
+"""GPU correctness check at realistic shapes (issue 2): tritonbn vs torch, every element written.
+
+For each (shape, layout, dtype): one training step of tritonbn.BatchNorm (relu)
+against torch.nn.BatchNorm + relu run in float32 on the same data, with every
+buffer tritonbn allocates poisoned with NaN first. Writes a JSON record.
+Usage: python perf/check_realistic.py --out results.json [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import types
+
+import torch
+from torch import nn
+
+import tritonbn
+from tritonbn import ops
+
+SHAPES = [((32, 256, 56, 56), "channels_last"), ((256, 64, 112, 112), "nchw"),
+          ((20, 6, 65536), "ncl")]
+SMALL = [((4, 24, 10, 10), "channels_last"), ((4, 6, 12, 12), "nchw"), ((3, 6, 300), "ncl")]
+
+
+class _Poisoned(types.SimpleNamespace):
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **k):
+        return torch.empty(*a, **k).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*a, **k):
+        return torch.empty_like(*a, **k).fill_(float("nan"))
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check(shape, layout, dtype):
+    C = shape[1]
+    cls = {2: tritonbn.BatchNorm1d, 3: tritonbn.BatchNorm1d, 4: tritonbn.BatchNorm2d}[len(shape)]
+    ref_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    ours, ref = cls(C, activation="relu").cuda(), ref_cls(C).cuda()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, device="cuda") * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype).requires_grad_()
+    dy = torch.randn_like(x)
+    xr = x.detach().float().requires_grad_()
+    y = ours(x)
+    y.backward(dy)
+    yr = torch.relu(ref(xr))
+    yr.backward(dy.float())
+    torch.cuda.synchronize()
+    outs = {"y": y, "dx": x.grad, "dweight": ours.weight.grad, "dbias": ours.bias.grad,
+            "running_mean": ours.running_mean, "running_var": ours.running_var}
+    return {
+        "shape": list(shape), "layout": layout, "dtype": str(dtype).replace("torch.", ""),
+        "max_abs_err": {"y": _err(y, yr), "dx": _err(x.grad, xr.grad),
+                        "dweight": _err(ours.weight.grad, ref.weight.grad),
+                        "dbias": _err(ours.bias.grad, ref.bias.grad),
+                        "running_mean": _err(ours.running_mean, ref.running_mean),
+                        "running_var": _err(ours.running_var, ref.running_var)},
+        "all_written": all(not torch.isnan(t).any().item() for t in outs.values()),
+        "memory_format_kept": y.stride() == x.stride(),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--small", action="store_true", help="tiny shapes (for compute-sanitizer)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("check_realistic: no CUDA device", file=sys.stderr)
+        return 2
+    ops.torch = _Poisoned()  # every buffer tritonbn allocates starts as NaN
+    records = []
+    for shape, layout in (SMALL if args.small else SHAPES):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            r = check(shape, layout, dtype)
+            print(json.dumps(r), flush=True)
+            records.append(r)
+            torch.cuda.empty_cache()
+    import triton
+
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+           "records": records}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    return 0 if all(r["all_written"] and r["memory_format_kept"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
