@@ -1,7 +1,5 @@
 """The Triton kernels themselves: every element written, any layout or tiling,
 and no PyTorch fallback under the interpreter."""
-import types
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,28 +10,15 @@ import tritonbn.functional as TF
 from conftest import DEVICE, assert_close, make_input
 from tritonbn import ops, reference
 from tritonbn.heuristics import Config
+from tritonbn.testing import poisoned_allocations
 
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-class _Poisoned(types.SimpleNamespace):
-    """Stands in for `torch` inside tritonbn.ops: every buffer it allocates is NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return torch.empty(*args, **kwargs).fill_(float("nan"))
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
-
-
 @pytest.fixture
-def poisoned(monkeypatch):
-    monkeypatch.setattr(ops, "torch", _Poisoned())
+def poisoned():
+    with poisoned_allocations():
+        yield
 
 
 @pytest.mark.parametrize("cfg", [None, Config(BLOCK_M=2, BLOCK_C=2, split=5),

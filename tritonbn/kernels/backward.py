@@ -12,6 +12,17 @@ from .common import act_grad, channel_block, channel_params, tile_range, tile_ro
 
 
 @triton.jit
+def load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b,
+                 ACC: tl.constexpr, ACT: tl.constexpr):
+    """dy' = dy * act'(pre) and xhat of one tile, pre exactly as normalize_kernel has it."""
+    x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+    xc = x - mean[None, :]
+    dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
+    return dy, xc * invstd[None, :]
+
+
+@triton.jit
 def bwd_reduce_kernel(
     x_ptr, dy_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps,
@@ -31,12 +42,7 @@ def bwd_reduce_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        xc = x - mean[None, :]
-        # the pre-activation exactly as normalize_kernel computed it
-        dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
-        xhat = xc * invstd[None, :]
+        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b, ACC, ACT)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xhat += tl.sum(dy * xhat, axis=0)
     split_offs = tl.program_id(1) * C + c
@@ -92,12 +98,7 @@ def bwd_dx_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        xc = x - mean[None, :]
-        # the pre-activation exactly as normalize_kernel computed it
-        dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
-        xhat = xc * invstd[None, :]
+        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b, ACC, ACT)
         if TRAINING:
             dy = dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]
         tl.store(dx_ptr + ptrs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
