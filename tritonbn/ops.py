@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 
 import torch
 import triton
@@ -73,7 +74,7 @@ def _combine_blocks(C: int, split: int):
 
 def _fp32_pair(value: float) -> tuple[float, float]:
     """value as hi + lo, both exact float32s, for float64 scalars in kernels."""
-    hi = torch.tensor(value, dtype=torch.float32).item()
+    hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, float(value) - hi
 
 
