@@ -2,12 +2,12 @@
 and no PyTorch fallback under the interpreter."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tritonbn
 import tritonbn.functional as TF
-from conftest import DEVICE, assert_close, make_input
+from conftest import DEVICE, TOL, assert_close, make_input
 from tritonbn import ops, reference
 from tritonbn.heuristics import Config
 from tritonbn.testing import poisoned_allocations
@@ -51,6 +51,9 @@ def test_every_element_written(poisoned, shape, fmt, cfg):
     block_m=st.sampled_from([None, 1, 2, 4, 16]), block_c=st.sampled_from([1, 2, 4, 16]),
     split=st.integers(1, 6), mean=st.floats(-100, 100), std=st.floats(0.1, 10),
 )
+# found by hypothesis: 2 values per channel, mean 59, std 0.1 (torch float32 errs as much)
+@example(n=2, c=4, spatial=[], channels_last=False, act="relu", affine=False, training=True,
+         block_m=2, block_c=4, split=1, mean=59.12869054270905, std=0.10000000000000002)
 def test_property_random_shapes(n, c, spatial, channels_last, act, affine, training,
                                 block_m, block_c, split, mean, std):
     shape = (n, c, *spatial)
@@ -77,12 +80,23 @@ def test_property_random_shapes(n, c, spatial, channels_last, act, affine, train
     if act == "relu":
         y_ref = torch.relu(y_ref)
     y_ref.backward(torch.ones_like(y_ref))
+    # torch's own float32 result on the same input: what float32 can do here. With
+    # few values per channel the batch variance can sit far below std**2 while the
+    # mean is large, and then x - mean loses digits in any float32 implementation.
+    x32 = x.detach().clone().requires_grad_()
+    y32 = torch.nn.functional.batch_norm(x32, rm.float(), rv.float(), w.float() if affine else None,
+                                         b.float() if affine else None, training, 0.2)
+    y32 = torch.relu(y32) if act == "relu" else y32
+    y32.backward(torch.ones_like(y32))
+    torch_err = lambda a, r: (a.double() - r.double()).abs().max().item()  # noqa: E731
+    atol = TOL[torch.float32][0]
     assert y.stride() == x.stride()
-    assert_close(y, y_ref, torch.float32, 8)
+    assert_close(y, y_ref, torch.float32, max(8, 4 * torch_err(y32, y_ref) / atol))
     assert_close(rm32, rm, torch.float32, abs(mean) + 1)
     assert_close(rv32, rv, torch.float32, std**2 + 1)
-    # dx has near-cancelling terms in training: scale its tolerance with 1/std
-    assert_close(x.grad, x64.grad, torch.float32, 8 / std)
+    # dx has near-cancelling terms in training: scale its tolerance with 1/std, and
+    # allow up to 4x torch float32's own error
+    assert_close(x.grad, x64.grad, torch.float32, max(8 / std, 4 * torch_err(x32.grad, x64.grad) / atol))
 
 
 @pytest.mark.parametrize("make", [
