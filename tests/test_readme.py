@@ -11,3 +11,15 @@ def test_ci_runs_the_readme_test_command():
     assert block, "README lost its test command"
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert block.group(1).strip() in [line.strip() for line in ci_lines]
+
+
+def test_ci_runs_the_readme_main_job_and_the_bench_smoke():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Main job \(.*?\n```bash\n(.+?)\n```", readme, re.S)
+    assert block, "README lost its main-job command"
+    main_job = block.group(1).strip()
+    assert "tritonbn demo" in main_job and "tritonbn report perf/results" in main_job
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert main_job in ci_lines
+    assert any(line.startswith("python -m tritonbn bench --device cpu --shapes quick")
+               for line in ci_lines)

@@ -1,31 +1,122 @@
-"""The ``tritonbn`` command: ``tritonbn demo`` (later: bench, tune, report)."""
+"""The ``tritonbn`` command: demo, bench, report."""
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no")
 
 
 def _use_interpreter_without_gpu() -> str:
     """Pick where kernels run, before triton is imported: the GPU, else the interpreter."""
     import torch
 
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if torch.cuda.is_available() and not _interpret_env():
         return "cuda"
     os.environ["TRITON_INTERPRET"] = "1"
     return "cpu"
 
 
+def _csv(choices):
+    def parse(text):
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{','.join(bad) or repr(text)}: choose from {', '.join(choices)} (comma-separated)")
+        return items
+    return parse
+
+
+def _add_bench(sub):
+    from .perf import model, schema, shapes
+    from .perf.bench import DTYPES, OPS
+
+    p = sub.add_parser("bench", help="time tritonbn against torch (cuDNN/native) and torch.compile",
+                       description="Time BatchNorm passes of tritonbn, torch eager and torch.compile "
+                                   "against the device's copy bandwidth; write JSON results.")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default): real timings. cpu: tiny shapes through Triton's "
+                        "interpreter to exercise the pipeline; the results are marked "
+                        "'interpreter, not performance'")
+    p.add_argument("--shapes", type=_csv(shapes.SET_NAMES + shapes.SUBSETS + ("all",)),
+                   default=("quick",), help="shape sets: quick, resnet50 (batch 256 and 32), "
+                                            "resnet50/b256, resnet50/b32, stress, all (default quick)")
+    p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), default=tuple(DTYPES))
+    p.add_argument("--layouts", type=_csv(("NCHW", "channels_last")), default=("NCHW", "channels_last"),
+                   help="for 4-D shapes (2-D and 3-D inputs have one layout)")
+    p.add_argument("--ops", type=_csv(OPS), default=OPS)
+    p.add_argument("--passes", type=_csv(model.PASSES), default=model.PASSES)
+    p.add_argument("--impls", type=_csv(schema.IMPLS), default=schema.IMPLS)
+    p.add_argument("--out", help="results JSON (default tritonbn-bench-DATE-DEVICE.json)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the records already in --out (same device); re-measured ones are replaced")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new case after this many seconds; the JSON says complete: false")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
+    p.add_argument("--cpu-reps", type=int, default=3, help="timed runs per pass on the CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _bench(args, argv) -> int:
+    import torch
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("tritonbn bench: no CUDA device (torch.cuda.is_available() is False), so there "
+                  "is nothing to time. Run it on a GPU machine, or use `tritonbn bench --device "
+                  "cpu --shapes quick` for an interpreter smoke run (not performance).",
+                  file=sys.stderr)
+            return 2
+        if _interpret_env():
+            print("tritonbn bench: TRITON_INTERPRET is set, so Triton would interpret its kernels "
+                  "rather than compile them; unset it to time on the GPU.", file=sys.stderr)
+            return 2
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    from .perf.bench import Options, run
+
+    opts = Options(device=args.device, sets=args.shapes, dtypes=args.dtypes, layouts=args.layouts,
+                   ops=args.ops, passes=args.passes, impls=args.impls, warmup_ms=args.warmup_ms,
+                   rep_ms=args.rep_ms, cpu_reps=args.cpu_reps, budget_s=args.budget_s,
+                   seed=args.seed, progress=not args.no_progress, argv=list(argv))
+    return run(opts, args.out, append=args.append)
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="render a Markdown report and PNG plots from bench results",
+                       description="Render a Markdown report and PNG plots from a results JSON. "
+                                   "Given a directory, use its newest GPU results (interpreter "
+                                   "smoke runs are skipped); none is not an error.")
+    p.add_argument("results", help="a results JSON file, or a directory of them (e.g. perf/results)")
+    p.add_argument("--out", required=True, help="directory for report.md and the PNGs")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a small conv net's BN+ReLU layers through tritonbn "
                                        "and check them against torch")
     demo.add_argument("--steps", type=int, default=3, help="training steps before eval")
     demo.add_argument("--seed", type=int, default=0)
+    _add_bench(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         device = _use_interpreter_without_gpu()
         from .demo import run
 
         return run(device, steps=args.steps, seed=args.seed)
+    if args.command == "bench":
+        return _bench(args, argv)
+    if args.command == "report":
+        from .perf.report import render_cli
+
+        return render_cli(args.results, args.out)
     return 2

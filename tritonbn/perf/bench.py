@@ -1,0 +1,431 @@
+"""``tritonbn bench``: time tritonbn, torch eager and torch.compile BatchNorm on one device.
+
+For every (shape, layout, dtype, op) the harness
+1. draws random input with a non-zero mean, a random upstream gradient and
+   random affine parameters (float32, as under autocast);
+2. runs each implementation once and checks its output and its three gradients
+   against a float64 reference (the ReLU mask taken from that implementation's
+   own output, so rounding at y = 0 is not counted as an error);
+3. times each pass (fwd, bwd, fwd+bwd) in training mode: on the GPU the median
+   of ``triton.testing.do_bench``, which clears the L2 cache (256 MB) before
+   every run; on the CPU a wall-clock median, marked "interpreter, not performance";
+4. writes a JSON record per pass and implementation (``schema.py``), rewriting
+   the results file after every case so a time limit leaves what was measured.
+
+The ceiling is a device-to-device copy measured in the same run, counted as
+bytes read + bytes written (``copy_bandwidth``).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import model, schema, shapes
+from .summary import summary_rows
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OPS = ("bn", "bn_relu")  # bn_add_relu joins with the residual kernels
+COMPILE_MODE = "max-autotune-no-cudagraphs"
+EPS = 1e-5
+
+# Largest |impl - reference| / max |reference| over an output that still passes:
+# a few units of the dtype's rounding at the output's largest values.
+REL_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Options:
+    device: str = "cuda"
+    sets: tuple = ("quick",)
+    dtypes: tuple = tuple(DTYPES)
+    layouts: tuple = ("NCHW", "channels_last")
+    ops: tuple = OPS
+    passes: tuple = model.PASSES
+    impls: tuple = schema.IMPLS
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    cpu_reps: int = 3
+    budget_s: float | None = None
+    seed: int = 0
+    progress: bool = True
+    argv: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_ms(fn, device: torch.device, opts: Options) -> float:
+    """Median milliseconds of fn(): do_bench (events, L2 cleared each run) on the GPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=opts.warmup_ms, rep=opts.rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(max(1, opts.cpu_reps)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(device: torch.device, opts: Options) -> float:
+    """GB/s of a large device-to-device copy, bytes read + bytes written."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, opts)
+    del src, dst
+    return model.gbps(2 * nbytes, ms)
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _bn_class(ndim: int, lib):
+    return {2: lib.BatchNorm1d, 3: lib.BatchNorm1d, 4: lib.BatchNorm2d, 5: lib.BatchNorm3d}[ndim]
+
+
+def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tensor):
+    """(module to call, its BatchNorm) for one implementation; parameters copied in."""
+    C = weight.numel()
+    if impl == "tritonbn":
+        import tritonbn
+
+        bn = _bn_class(ndim, tritonbn)(C, activation="relu" if op == "bn_relu" else None)
+        mod = bn
+    else:
+        bn = _bn_class(ndim, nn)(C)
+        mod = nn.Sequential(bn, nn.ReLU()) if op == "bn_relu" else bn
+    bn.to(weight.device)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    if impl == "torch_compile":
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no fallback to eager
+        mod = torch.compile(mod, mode=COMPILE_MODE, dynamic=False)
+    return mod, bn
+
+
+def torch_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which backend torch's batch_norm picks in training, by its own rule
+    (aten/src/ATen/native/Normalization.cpp, _select_batch_norm_backend)."""
+    if x.device.type != "cuda":
+        return "native"
+    cudnn = (torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+             and x.dtype != torch.bfloat16 and weight.dtype != torch.bfloat16
+             and (x.dtype != torch.float16 or weight.dtype == torch.float32)
+             and x.dim() >= 3 and x.shape[0] <= 880801 and x.numel() < 2**31 - 1
+             and EPS >= 1e-5)
+    return "cudnn" if cudnn else "native"
+
+
+def kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels fn launches, by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in names:
+            names.append(e.name)
+    return names
+
+
+def classify(names: list[str]) -> str | None:
+    """cudnn / native from kernel names; None when the names do not say."""
+    low = [n.lower() for n in names]
+    if any("batch_norm" in n for n in low):  # aten's batch_norm_collect_statistics_kernel, ...
+        return "native"
+    if any("cudnn" in n or n.startswith(("bn_", "batchnorm")) or "::bn_" in n for n in low):
+        return "cudnn"
+    return None
+
+
+# ----------------------------------------------------------------------------- correctness
+
+class Reference:
+    """float64 BatchNorm (training, batch statistics) on the same input, forward and backward."""
+
+    def __init__(self, x, weight, bias, dy):
+        self.x = x.detach().double().requires_grad_()
+        self.w = weight.detach().double().requires_grad_()
+        self.b = bias.detach().double().requires_grad_()
+        self.pre = F.batch_norm(self.x, None, None, self.w, self.b, True, 0.0, EPS)
+        self.dy = dy.double()
+
+    def errors(self, op: str, y: torch.Tensor, grads) -> dict:
+        """{output: (max abs error, max abs error / max |reference|)}; None where not finite."""
+        relu = op == "bn_relu"
+        ref_y = torch.relu(self.pre) if relu else self.pre
+        # the ReLU mask of the implementation's own output: a pre-activation within
+        # rounding of 0 may land on either side, and that is not an error
+        g = self.dy * (y.detach() > 0) if relu else self.dy
+        ref = dict(zip(("dx", "dweight", "dbias"),
+                       torch.autograd.grad(self.pre, [self.x, self.w, self.b], g, retain_graph=True)))
+        ref["y"] = ref_y.detach()
+        got = dict(zip(("dx", "dweight", "dbias"), grads), y=y)
+        out = {}
+        for name in ("y", "dx", "dweight", "dbias"):
+            a, r = got[name].detach().double(), ref[name]
+            if not torch.isfinite(a).all():
+                out[name] = (None, None)
+                continue
+            err = (a - r).abs().max().item()
+            out[name] = (err, err / max(r.abs().max().item(), 1e-30))
+        return out
+
+
+def pass_error(errors: dict, pass_: str) -> tuple:
+    """(max abs error, max relative error) over the outputs a pass produces; None if any not finite."""
+    names = {"fwd": ("y",), "bwd": ("dx", "dweight", "dbias"),
+             "fwd+bwd": ("y", "dx", "dweight", "dbias")}[pass_]
+    vals = [errors[n] for n in names]
+    if any(a is None for a, _ in vals):
+        return None, None
+    return max(a for a, _ in vals), max(r for _, r in vals)
+
+
+# ----------------------------------------------------------------------------- one case
+
+def make_data(shape, layout, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, generator=g) * 2.0 + 1.5  # non-zero mean
+    dy = torch.randn(shape, generator=g)
+    weight = 1.0 + 0.25 * torch.randn(C, generator=g)
+    bias = 0.25 * torch.randn(C, generator=g)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+    dy = dy.to(device=device, dtype=dtype).to(memory_format=fmt)
+    return x, dy, weight.to(device), bias.to(device)
+
+
+def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Options,
+             device: torch.device, ceiling: float, interpreted: bool, on_impl=None):
+    """Records (and errors) for every implementation and pass of one case."""
+    dtype = DTYPES[dtype_name]
+    x, dy, weight, bias = make_data(case.shape, layout, dtype, device, opts.seed)
+    ref = Reference(x, weight, bias, dy)
+    records, errors = [], []
+    for impl in opts.impls:
+        if on_impl:
+            on_impl(impl)
+        try:
+            records += _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling,
+                                 interpreted, x, dy, weight, bias, ref)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+            errors.append({"set": case.set, "shape": list(case.shape), "layout": layout,
+                           "dtype": dtype_name, "op": op, "impl": impl,
+                           "error": f"{type(e).__name__}: {e}"[:500]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records, errors
+
+
+def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
+              x, dy, weight, bias, ref):
+    mod, bn = build(impl, op, x.dim(), weight, bias)
+    inputs = [x, bn.weight, bn.bias]
+    y = mod(x)  # also compiles, for torch_compile
+    grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    errors = ref.errors(op, y, grads)
+    del grads
+    extra = {}
+    if impl == "tritonbn":
+        backend = "triton-interpreter" if interpreted else "triton"
+    elif impl == "torch_compile":
+        backend = "inductor"
+    else:
+        backend = torch_backend(x, weight)
+        extra["backend_source"] = "rule"
+        if device.type == "cuda":
+            names = kernel_names(lambda: torch.autograd.grad(mod(x), inputs, dy))
+            seen = classify(names)
+            extra["kernels"] = [n[:80] for n in names[:8]]
+            if seen:
+                backend, extra["backend_source"] = seen, "profiler"
+
+    fns = {"fwd": lambda: mod(x),
+           "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
+           "fwd+bwd": lambda: torch.autograd.grad(mod(x), inputs, dy)}
+    out = []
+    for pass_ in opts.passes:
+        ms = time_ms(fns[pass_], device, opts)
+        peak_mb = _peak_mb(fns[pass_]) if pass_ == "fwd+bwd" and device.type == "cuda" else None
+        nbytes = model.model_bytes(op, pass_, case.numel, x.element_size(), "two_pass")
+        nbytes1 = model.model_bytes(op, pass_, case.numel, x.element_size(), "single_read")
+        abs_err, rel_err = pass_error(errors, pass_)
+        ok = rel_err is not None and rel_err <= REL_TOL[x.dtype]
+        gb, gb1 = model.gbps(nbytes, ms), model.gbps(nbytes1, ms)
+        out.append({"set": case.set, "op": op, "pass": pass_, "shape": list(case.shape),
+                    "layout": layout, "dtype": dtype_name, "impl": impl, "backend": backend,
+                    "weight": case.weight, "ms": ms, "gbps": gb, "gbps_single_read": gb1,
+                    "pct_of_copy": 100 * gb / ceiling, "pct_of_copy_single_read": 100 * gb1 / ceiling,
+                    "max_abs_err": abs_err, "rel_err": rel_err, "ok": ok, "peak_mb": peak_mb,
+                    "copy_gbps": ceiling, **extra})
+    return out
+
+
+def _peak_mb(fn) -> float:
+    """Memory fn allocates beyond what is already live, at its peak (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- the run
+
+def plan(opts: Options, tiny: bool) -> list[tuple]:
+    """Every (case, layout, dtype, op) to run, in order."""
+    todo = []
+    for name in opts.sets:
+        for case in shapes.cases(name, tiny_shapes=tiny):
+            for layout in case.layouts:
+                if len(case.shape) == 4 and layout not in opts.layouts:
+                    continue
+                for dtype in opts.dtypes:
+                    for op in opts.ops:
+                        todo.append((case, layout, dtype, op))
+    return todo
+
+
+def environment(device: torch.device, interpreted: bool) -> dict:
+    import triton
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        hw = {"sm_count": props.multi_processor_count,
+              "l2_bytes": getattr(props, "L2_cache_size", None)}
+    else:
+        name = f"CPU {platform.machine()} ({os.cpu_count()} cores), Triton interpreter"
+        hw = {}
+    return {"schema": schema.SCHEMA_VERSION, "device": name, "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "mode": schema.INTERPRETER_MODE if interpreted else "gpu",
+            "interpreter": interpreted, "compile_mode": COMPILE_MODE, **hw}
+
+
+def default_out(env: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    if env["interpreter"]:
+        slug = "cpu-interpreter"
+    return f"tritonbn-bench-{env['date'][:10]}-{slug}.json"
+
+
+def _write(doc: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _merge(doc: dict, path: str) -> dict:
+    """Records of an earlier run on the same device, kept unless this run re-measures them."""
+    with open(path) as f:
+        old = schema.validate(json.load(f))
+    if old["device"] != doc["device"] or old["interpreter"] != doc["interpreter"]:
+        raise SystemExit(f"tritonbn bench: --append to {path}, which holds results from "
+                         f"{old['device']!r}, not {doc['device']!r}")
+    doc["records"] = old["records"]
+    doc["errors"] = old.get("errors", [])
+    doc["runs"] = old.get("runs", []) + doc["runs"]
+    return doc
+
+
+def run(opts: Options, out: str | None, append: bool = False) -> int:
+    from tqdm import tqdm
+
+    from .. import ops
+
+    device = torch.device(opts.device)
+    interpreted = device.type == "cpu"
+    if interpreted and not ops.interpreting():
+        print("tritonbn bench --device cpu runs the kernels through Triton's interpreter: "
+              "set TRITON_INTERPRET=1 before triton is imported (the `tritonbn` command does).",
+              file=sys.stderr)
+        return 2
+    env = environment(device, interpreted)
+    out = out or default_out(env)
+    t_start = time.monotonic()
+    torch.manual_seed(opts.seed)
+    ceiling = copy_bandwidth(device, opts)
+    doc = {**env, "copy_gbps": ceiling, "records": [], "errors": [],
+           "runs": [{"date": env["date"], "argv": opts.argv, "copy_gbps": ceiling}]}
+    if append and os.path.exists(out):
+        doc = _merge(doc, out)
+    todo = plan(opts, tiny=interpreted)
+    print(f"tritonbn bench on {env['device']}: copy {ceiling:.0f} GB/s; {len(todo)} cases × "
+          f"{len(opts.impls)} implementations × {len(opts.passes)} passes -> {out}"
+          + ("\n  interpreter, not performance: tiny shapes through Triton's CPU interpreter"
+             if interpreted else ""), flush=True)
+    done = 0
+    bar = tqdm(todo, disable=not opts.progress, unit="case", dynamic_ncols=True,
+               mininterval=0.2 if sys.stderr.isatty() else 15.0)
+    for case, layout, dtype, op in bar:
+        if opts.budget_s is not None and time.monotonic() - t_start > opts.budget_s:
+            bar.write(f"time budget of {opts.budget_s:.0f} s spent: {len(todo) - done} cases not run")
+            break
+        bar.set_description(f"{case.set} {'x'.join(map(str, case.shape))} {layout} {dtype} {op}",
+                            refresh=False)
+        records, errors = run_case(case, layout, dtype, op, opts, device, ceiling, interpreted,
+                                   on_impl=lambda impl: bar.set_postfix_str(impl, refresh=False))
+        fresh = {schema.key(r) + (r["impl"],) for r in records}
+        doc["records"] = [r for r in doc["records"] if schema.key(r) + (r["impl"],) not in fresh]
+        doc["records"] += records
+        doc["errors"] += errors
+        for e in errors:
+            bar.write(f"ERROR {e['impl']} {e['set']} {e['shape']} {e['layout']} {e['dtype']} "
+                      f"{e['op']}: {e['error']}")
+        done += 1
+        doc["complete"] = done == len(todo)
+        doc["runs"][-1]["cases_run"] = done
+        doc["runs"][-1]["cases_planned"] = len(todo)
+        _write(schema.validate(doc), out)
+    bar.close()
+    if not done:
+        doc["complete"] = False
+        _write(schema.validate(doc), out)
+    return _finish(doc, out, time.monotonic() - t_start)
+
+
+def _finish(doc: dict, out: str, seconds: float) -> int:
+    records = doc["records"]
+    failed = [r for r in records if not r["ok"]]
+    print(f"\n{len(records)} records in {seconds:.0f} s -> {out}"
+          + (f"  [{doc['mode']}]" if doc["interpreter"] else ""))
+    rows = [r for r in summary_rows(records) if r["pass"] == "fwd+bwd"]
+    if rows:
+        print(f"{'set':14} {'op':8} {'dtype':9} {'layout':14} {'×torch':>7} {'×compile':>8} "
+              f"{'%copy':>6}")
+        fmt = lambda v, f: "-".rjust(int(f.split(".")[0])) if v is None else format(v, f)  # noqa: E731
+        for r in rows:
+            print(f"{r['set']:14} {r['op']:8} {r['dtype']:9} {r['layout']:14} "
+                  f"{fmt(r['vs_torch'], '7.2f')} {fmt(r['vs_torch_compile'], '8.2f')} "
+                  f"{fmt(r['pct_tritonbn'], '6.1f')}")
+    for r in failed:
+        print(f"CHECK FAILED {r['impl']} {r['set']} {r['shape']} {r['layout']} {r['dtype']} "
+              f"{r['op']} {r['pass']}: max abs err {r['max_abs_err']}, rel {r['rel_err']}")
+    ours_bad = [r for r in failed if r["impl"] == "tritonbn"] + \
+               [e for e in doc["errors"] if e["impl"] == "tritonbn"]
+    if doc["errors"]:
+        print(f"{len(doc['errors'])} implementation runs raised (see 'errors' in {out})")
+    return 1 if ours_bad else 0

@@ -1,0 +1,99 @@
+"""The results format written by ``tritonbn bench`` and read by ``tritonbn report``.
+
+A results file is one JSON object: the environment, the measured copy bandwidth
+(the ceiling), and one record per (set, shape, layout, dtype, op, pass, impl).
+``validate`` names every field that is missing or wrong, so a hand-edited or
+truncated file fails with a clear message rather than a wrong report.
+"""
+from __future__ import annotations
+
+from .model import OPS, PASSES
+
+SCHEMA_VERSION = 1
+IMPLS = ("tritonbn", "torch", "torch_compile")
+BACKENDS = ("triton", "triton-interpreter", "cudnn", "native", "inductor")
+LAYOUTS = ("NCHW", "channels_last", "contiguous")
+DTYPES = ("float16", "bfloat16", "float32")
+INTERPRETER_MODE = "interpreter, not performance"
+
+_num = (int, float)
+_opt_num = (int, float, type(None))
+
+TOP = {"schema": int, "device": str, "torch": str, "triton": str, "cudnn": (int, type(None)),
+       "date": str, "mode": str, "interpreter": bool, "copy_gbps": _num, "records": list}
+
+RECORD = {"set": str, "op": str, "pass": str, "shape": list, "layout": str, "dtype": str,
+          "impl": str, "backend": str, "weight": int, "ms": _num, "gbps": _num,
+          "gbps_single_read": _num, "pct_of_copy": _num, "pct_of_copy_single_read": _num,
+          "max_abs_err": _opt_num, "rel_err": _opt_num, "ok": bool, "peak_mb": _opt_num}
+
+CHOICES = {"op": OPS, "pass": PASSES, "impl": IMPLS, "backend": BACKENDS, "layout": LAYOUTS,
+           "dtype": DTYPES}
+
+
+def key(r: dict) -> tuple:
+    """What one record measures, without the implementation."""
+    return (r["set"], tuple(r["shape"]), r["layout"], r["dtype"], r["op"], r["pass"])
+
+
+def problems(doc) -> list[str]:
+    """Everything wrong with a results document (empty when it is valid)."""
+    if not isinstance(doc, dict):
+        return [f"results must be a JSON object, got {type(doc).__name__}"]
+    out = []
+    for name, typ in TOP.items():
+        if name not in doc:
+            out.append(f"missing top-level field {name!r}")
+        elif not isinstance(doc[name], typ) or (typ is _num and isinstance(doc[name], bool)):
+            out.append(f"top-level field {name!r} has type {type(doc[name]).__name__}")
+    if out:
+        return out
+    if doc["schema"] != SCHEMA_VERSION:
+        out.append(f"schema version {doc['schema']} (this tritonbn reads {SCHEMA_VERSION})")
+    if not doc["copy_gbps"] > 0:
+        out.append(f"copy_gbps must be > 0, got {doc['copy_gbps']}")
+    if doc["interpreter"] != (doc["mode"] == INTERPRETER_MODE):
+        out.append(f"mode {doc['mode']!r} disagrees with interpreter={doc['interpreter']}")
+    seen = set()
+    for i, r in enumerate(doc["records"]):
+        where = f"record {i}"
+        if not isinstance(r, dict):
+            out.append(f"{where} is not an object")
+            continue
+        bad = False
+        for name, typ in RECORD.items():
+            if name not in r:
+                out.append(f"{where}: missing field {name!r}")
+                bad = True
+            elif not isinstance(r[name], typ) or (isinstance(r[name], bool) and typ is not bool):
+                out.append(f"{where}: field {name!r} has type {type(r[name]).__name__}")
+                bad = True
+        if bad:
+            continue
+        for name, allowed in CHOICES.items():
+            if r[name] not in allowed:
+                out.append(f"{where}: {name}={r[name]!r} not one of {allowed}")
+        if not r["shape"] or not all(isinstance(d, int) and d > 0 for d in r["shape"]):
+            out.append(f"{where}: shape must be positive integers, got {r['shape']}")
+        if not r["ms"] > 0:
+            out.append(f"{where}: ms must be > 0, got {r['ms']}")
+        for name in ("max_abs_err", "rel_err"):
+            if r[name] is None:  # the output was not finite
+                if r["ok"]:
+                    out.append(f"{where}: {name} is null (non-finite output) but ok is true")
+            elif not r[name] >= 0:
+                out.append(f"{where}: {name} must be a number >= 0 or null, got {r[name]}")
+        k = key(r) + (r["impl"],)
+        if k in seen:
+            out.append(f"{where}: duplicate record for {k}")
+        seen.add(k)
+    return out
+
+
+def validate(doc) -> dict:
+    """Return doc if it is a valid results document, else raise ValueError naming the problems."""
+    found = problems(doc)
+    if found:
+        more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
+        raise ValueError("not a tritonbn results file: " + "; ".join(found[:10]) + more)
+    return doc
