@@ -390,6 +390,35 @@ def test_bench_records_an_implementation_that_raises(monkeypatch):
     assert errors and errors[0]["impl"] == "torch" and "no kernel image" in errors[0]["error"]
 
 
+def _run(out, **kw):
+    from tritonbn.perf import bench
+
+    opts = dict(device=DEVICE, sets=("quick",), dtypes=("float32",), ops=("bn",),
+                impls=("tritonbn",), passes=("fwd",), cpu_reps=1, warmup_ms=1, rep_ms=5,
+                progress=False)
+    opts.update(kw)
+    return bench.run(bench.Options(**opts), str(out))
+
+
+def test_bench_append_keeps_earlier_records_and_budget_stops_early(tmp_path):
+    from tritonbn.perf import bench
+
+    out = tmp_path / "r.json"
+    assert _run(out) == 0
+    first = schema.validate(json.loads(out.read_text()))
+    assert first["complete"] and len(first["records"]) == 8  # 8 quick cases × 1 impl × 1 pass
+    assert bench.run(bench.Options(device=DEVICE, sets=("quick",), dtypes=("bfloat16",), ops=("bn",),
+                                   impls=("tritonbn",), passes=("fwd",), cpu_reps=1, warmup_ms=1,
+                                   rep_ms=5, progress=False, budget_s=0.0), str(out),
+                     append=True) == 0
+    second = schema.validate(json.loads(out.read_text()))
+    assert not second["complete"] and second["records"] == first["records"]
+    assert len(second["runs"]) == 2 and second["runs"][1]["cases_run"] == 0
+    fresh = tmp_path / "fresh.json"
+    assert _run(fresh, budget_s=0.0) == 0
+    assert json.loads(fresh.read_text())["records"] == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_backend_rule_agrees_with_the_profiler():
     from tritonbn.perf import bench
@@ -404,7 +433,7 @@ def test_torch_backend_rule_agrees_with_the_profiler():
 
 def test_bench_cpu_smoke_end_to_end(tmp_path):
     """`tritonbn bench --device cpu` through the real CLI, then `tritonbn report` on its JSON."""
-    out = tmp_path / "smoke.json"
+    out = tmp_path / "new_dir" / "smoke.json"  # bench creates the directory
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "tritonbn", "bench", "--device", "cpu", "--shapes", "quick",
            "--dtypes", "float32,bfloat16", "--ops", "bn_relu", "--impls", "tritonbn,torch",
