@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import tritonbn
+from tritonbn.perf.bench import bn_class
 from tritonbn.testing import poisoned_allocations
 
 SHAPES = [((32, 256, 56, 56), "channels_last"), ((256, 64, 112, 112), "nchw"),
@@ -29,8 +30,7 @@ def _err(a, b):
 
 def check(shape, layout, dtype):
     C = shape[1]
-    cls = {2: tritonbn.BatchNorm1d, 3: tritonbn.BatchNorm1d, 4: tritonbn.BatchNorm2d}[len(shape)]
-    ref_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    cls, ref_cls = bn_class(len(shape), tritonbn), bn_class(len(shape), nn)
     ours, ref = cls(C, activation="relu").cuda(), ref_cls(C).cuda()
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)

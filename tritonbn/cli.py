@@ -33,7 +33,7 @@ def _csv(choices):
 
 def _add_bench(sub):
     from .perf import model, schema, shapes
-    from .perf.bench import DTYPES, OPS
+    from .perf.bench import DTYPES, OPS, Options
 
     p = sub.add_parser("bench", help="time tritonbn against torch (cuDNN/native) and torch.compile",
                        description="Time BatchNorm passes of tritonbn, torch eager and torch.compile "
@@ -56,10 +56,12 @@ def _add_bench(sub):
                    help="keep the records already in --out (same device); re-measured ones are replaced")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new case after this many seconds; the JSON says complete: false")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
-    p.add_argument("--cpu-reps", type=int, default=3, help="timed runs per pass on the CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-ms", type=float, default=Options.warmup_ms,
+                   help="do_bench warm-up (GPU)")
+    p.add_argument("--rep-ms", type=float, default=Options.rep_ms,
+                   help="do_bench repetition time (GPU)")
+    p.add_argument("--cpu-reps", type=int, default=Options.cpu_reps, help="timed runs per pass on the CPU")
+    p.add_argument("--seed", type=int, default=Options.seed)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 

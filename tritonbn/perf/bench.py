@@ -91,7 +91,7 @@ def copy_bandwidth(device: torch.device, opts: Options) -> float:
 
 # ----------------------------------------------------------------------------- modules
 
-def _bn_class(ndim: int, lib):
+def bn_class(ndim: int, lib):
     return {2: lib.BatchNorm1d, 3: lib.BatchNorm1d, 4: lib.BatchNorm2d, 5: lib.BatchNorm3d}[ndim]
 
 
@@ -101,10 +101,10 @@ def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tenso
     if impl == "tritonbn":
         import tritonbn
 
-        bn = _bn_class(ndim, tritonbn)(C, activation="relu" if op == "bn_relu" else None)
+        bn = bn_class(ndim, tritonbn)(C, activation="relu" if op == "bn_relu" else None)
         mod = bn
     else:
-        bn = _bn_class(ndim, nn)(C)
+        bn = bn_class(ndim, nn)(C)
         mod = nn.Sequential(bn, nn.ReLU()) if op == "bn_relu" else bn
     bn.to(weight.device)
     with torch.no_grad():
@@ -241,6 +241,9 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
     grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
     errors = ref.errors(op, y, grads)
     del grads
+    fns = {"fwd": lambda: mod(x),
+           "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
+           "fwd+bwd": lambda: torch.autograd.grad(mod(x), inputs, dy)}
     extra = {}
     if impl == "tritonbn":
         backend = "triton-interpreter" if interpreted else "triton"
@@ -251,7 +254,7 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
         extra["backend_source"] = "rule"
         if device.type == "cuda":
             try:
-                names = kernel_names(lambda: torch.autograd.grad(mod(x), inputs, dy))
+                names = kernel_names(fns["fwd+bwd"])
             except Exception as e:  # noqa: BLE001 - no profiler (CUPTI): keep torch's rule
                 names, extra["profiler_error"] = [], f"{type(e).__name__}: {e}"[:200]
             seen = classify(names)
@@ -259,9 +262,6 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
             if seen:
                 backend, extra["backend_source"] = seen, "profiler"
 
-    fns = {"fwd": lambda: mod(x),
-           "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
-           "fwd+bwd": lambda: torch.autograd.grad(mod(x), inputs, dy)}
     out = []
     for pass_ in opts.passes:
         ms = time_ms(fns[pass_], device, opts)
@@ -394,8 +394,8 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
                             refresh=False)
         records, errors = run_case(case, layout, dtype, op, opts, device, ceiling, interpreted,
                                    on_impl=lambda impl: bar.set_postfix_str(impl, refresh=False))
-        fresh = {schema.key(r) + (r["impl"],) for r in records}
-        doc["records"] = [r for r in doc["records"] if schema.key(r) + (r["impl"],) not in fresh]
+        fresh = {schema.record_id(r) for r in records}
+        doc["records"] = [r for r in doc["records"] if schema.record_id(r) not in fresh]
         doc["records"] += records
         doc["errors"] += errors
         for e in errors:

@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 
 from . import schema
-from .summary import _group_order, by_key, summary_rows, targets
+from .summary import _group_order, by_key, speedup, summary_rows, targets
 
 IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile"}
 
@@ -144,10 +144,7 @@ def markdown(doc: dict, plots: dict) -> str:
                 return f"{r['ms']:.4g}{backend}{mark}"
 
             def speed(impl):
-                r = impls.get(impl)
-                if not (r and ours and r["ok"] and ours["ok"]):
-                    return "–"
-                return f"{r['ms'] / ours['ms']:.2f}"
+                return _fmt(speedup(ours, impls.get(impl)))
 
             peak = " / ".join(_fmt(impls[i]["peak_mb"], ".0f") if i in impls else "–"
                               for i in schema.IMPLS)
@@ -237,10 +234,10 @@ def _bars(ax, kind, series, ks, index) -> bool:
         for k in ks:
             ours, r = index[k].get("tritonbn"), index[k].get(impl)
             if kind == "speedup":
-                ok = ours and r and ours["ok"] and r["ok"]
-                vals.append(r["ms"] / ours["ms"] if ok else float("nan"))
+                v = speedup(ours, r)
             else:
-                vals.append(r["pct_of_copy"] if r and r["ok"] else float("nan"))
+                v = r["pct_of_copy"] if r and r["ok"] else None
+            vals.append(float("nan") if v is None else v)
         if all(v != v for v in vals):
             continue
         drawn = True

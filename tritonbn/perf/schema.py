@@ -36,6 +36,16 @@ def key(r: dict) -> tuple:
     return (r["set"], tuple(r["shape"]), r["layout"], r["dtype"], r["op"], r["pass"])
 
 
+def record_id(r: dict) -> tuple:
+    """One record's identity in a results file: what it measures, and with what."""
+    return key(r) + (r["impl"],)
+
+
+def _wrong_type(value, typ) -> bool:
+    # bool is an int to isinstance; only a bool field takes one
+    return not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool)
+
+
 def problems(doc) -> list[str]:
     """Everything wrong with a results document (empty when it is valid)."""
     if not isinstance(doc, dict):
@@ -44,7 +54,7 @@ def problems(doc) -> list[str]:
     for name, typ in TOP.items():
         if name not in doc:
             out.append(f"missing top-level field {name!r}")
-        elif not isinstance(doc[name], typ) or (typ is _num and isinstance(doc[name], bool)):
+        elif _wrong_type(doc[name], typ):
             out.append(f"top-level field {name!r} has type {type(doc[name]).__name__}")
     if out:
         return out
@@ -65,7 +75,7 @@ def problems(doc) -> list[str]:
             if name not in r:
                 out.append(f"{where}: missing field {name!r}")
                 bad = True
-            elif not isinstance(r[name], typ) or (isinstance(r[name], bool) and typ is not bool):
+            elif _wrong_type(r[name], typ):
                 out.append(f"{where}: field {name!r} has type {type(r[name]).__name__}")
                 bad = True
         if bad:
@@ -83,7 +93,7 @@ def problems(doc) -> list[str]:
                     out.append(f"{where}: {name} is null (non-finite output) but ok is true")
             elif not r[name] >= 0:
                 out.append(f"{where}: {name} must be a number >= 0 or null, got {r[name]}")
-        k = key(r) + (r["impl"],)
+        k = record_id(r)
         if k in seen:
             out.append(f"{where}: duplicate record for {k}")
         seen.add(k)

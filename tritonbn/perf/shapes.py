@@ -7,6 +7,7 @@ L2-resident on an H100), ``stress``, ``quick``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # (C, H=W, number of BN layers with that shape in ResNet-50); 53 layers in all
@@ -38,10 +39,7 @@ class Case:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _tiny_c(c: int) -> int:

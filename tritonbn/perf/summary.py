@@ -38,13 +38,20 @@ def by_key(records) -> dict:
     return out
 
 
+def speedup(ours: dict | None, base: dict | None) -> float | None:
+    """baseline ms / tritonbn ms, when both ran and passed their check."""
+    if ours and base and ours["ok"] and base["ok"]:
+        return base["ms"] / ours["ms"]
+    return None
+
+
 def speedups(records, baseline: str) -> list[tuple[dict, float]]:
-    """(tritonbn record, baseline ms / tritonbn ms) wherever both ran and passed their check."""
+    """(tritonbn record, speedup over baseline) wherever there is one."""
     out = []
     for impls in by_key(records).values():
-        ours, base = impls.get("tritonbn"), impls.get(baseline)
-        if ours and base and ours["ok"] and base["ok"]:
-            out.append((ours, base["ms"] / ours["ms"]))
+        s = speedup(impls.get("tritonbn"), impls.get(baseline))
+        if s is not None:
+            out.append((impls["tritonbn"], s))
     return out
 
 
