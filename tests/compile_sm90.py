@@ -7,6 +7,7 @@ catches what the interpreter cannot (block shapes, dtype errors in codegen),
 but proves nothing about results: only a GPU run does that.
 Usage: python tests/compile_sm90.py  -> prints one line per compiled variant.
 """
+import dataclasses
 import itertools
 import os
 import sys
@@ -19,7 +20,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from tritonbn import ops  # noqa: E402
-from tritonbn.heuristics import Config  # noqa: E402
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
          torch.float64: "fp64", torch.int64: "i64"}
@@ -44,7 +44,7 @@ class Compile:
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **kwargs):
+        def launch(*args, num_warps=4, num_stages=3, **kwargs):
             fn = self.kernel
             bound = dict(zip(fn.arg_names, args), **kwargs)
             consts = {p.name for p in fn.params if p.is_constexpr}
@@ -55,15 +55,16 @@ class Compile:
                     cst[(i,)] = bound[name]
                 else:
                     sig[name] = _type(bound[name])
-            key = (fn.__name__, tuple(sig.items()), tuple(sorted((k, str(v)) for k, v in cst.items())), num_warps)
+            key = (fn.__name__, tuple(sig.items()), tuple(sorted((k, str(v)) for k, v in cst.items())),
+                   num_warps, num_stages)
             if key in seen:
                 return
             seen.add(key)
             out = triton.compile(ASTSource(fn, sig, cst), target=TARGET,
-                                 options={"num_warps": num_warps})
+                                 options={"num_warps": num_warps, "num_stages": num_stages})
             assert len(out.asm["cubin"]) > 0
             flags = {fn.arg_names[i[0]]: v for i, v in cst.items()}
-            print(f"ok {fn.__name__} warps={num_warps} {flags} {sig.get('x_ptr', '')}", flush=True)
+            print(f"ok {fn.__name__} warps={num_warps} stages={num_stages} {flags} {sig.get('x_ptr', '')}", flush=True)
         return launch
 
 
@@ -91,7 +92,40 @@ def main():
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (False, affine, False))
     print(f"compiled {len(seen)} kernel variants for sm_90")
+    before = len(seen)
+    search_space()
+    print(f"compiled {len(seen) - before} tuning candidates for sm_90")
     return 0
+
+
+def search_space():
+    """Every round-1 tuning candidate (tile shape x warps, at the most stages round 2
+    tries) and every combine candidate, on a ResNet-like shape in both tilings."""
+    from tritonbn import heuristics
+    from tritonbn.layout import kernel_view
+    from tritonbn.tuning import space
+
+    max_stages = max(space.SPACE["stats"]["num_stages"])
+    for dtype, fmt in itertools.product((torch.float16, torch.float32),
+                                        (torch.contiguous_format, torch.channels_last)):
+        x, v = kernel_view(torch.empty((32, 96, 28, 28), dtype=dtype).to(memory_format=fmt))
+        C = x.shape[1]
+        w, b, rm, rv = (torch.empty(C) for _ in range(4))
+        dy = torch.empty_like(x)
+        for kernel in heuristics.TILE_KERNELS:
+            base = heuristics.heuristic(kernel, v, x.element_size(), x.device, False)
+            for cfg in space.tile_candidates(kernel, v, x.element_size(), 132, base):
+                cfg = dataclasses.replace(cfg, num_stages=max_stages)
+                with ops.launch_overrides(**{kernel: cfg}):
+                    mean, s = ops.batch_stats(x, v, rm, rv, None, 0.1, 1e-5)
+                    ops.normalize(x, v, mean, s, w, b, True, 1e-5, "relu")
+                    sums = ops.grad_sums(dy, x, v, mean, s, w, b, True, 1e-5, "relu", True, True)[0]
+                    ops.grad_input(dy, x, v, mean, s, w, b, sums, True, 1e-5, "relu")
+        for kernel, split in itertools.product(heuristics.COMBINE_KERNELS, (7, 528)):
+            for cfg in space.combine_candidates(kernel, C, split, heuristics.heuristic_combine(C, split)):
+                with ops.launch_overrides(**{kernel: cfg}):
+                    mean, s = ops.batch_stats(x, v, rm, rv, None, 0.1, 1e-5)
+                    ops.grad_sums(dy, x, v, mean, s, w, b, True, 1e-5, "relu", True, True)
 
 
 TYPES_FLOAT = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

@@ -2,7 +2,8 @@
 
 The interpreter misses real compile errors (it already caught one: a loop-carried
 variable changing type), so this runs Triton's real compiler and ptxas ahead of
-time, in a subprocess without TRITON_INTERPRET. See tests/compile_sm90.py.
+time, in a subprocess without TRITON_INTERPRET, for the variants the heuristics
+launch and for every candidate tuning tries. See tests/compile_sm90.py.
 """
 import os
 import pathlib
@@ -19,4 +20,6 @@ def test_all_launched_variants_compile_for_sm90():
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"compiled (\d+) kernel variants", proc.stdout)
+    assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]
+    found = re.search(r"compiled (\d+) tuning candidates", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import DEVICE
+from tritonbn import heuristics
 from tritonbn.perf import model, schema, shapes, summary
+from tritonbn.perf.summary import summary_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +43,8 @@ def fake_doc(sets=("resnet50", "quick"), interpreter=False, seed=0, ceiling=3000
                                     "shape": list(case.shape), "layout": layout, "dtype": dtype,
                                     "impl": impl,
                                     "backend": {"tritonbn": "triton", "torch": "cudnn",
-                                                "torch_compile": "inductor"}[impl],
+                                                "torch_compile": "inductor",
+                                                "tritonbn_heuristic": "triton"}[impl],
                                     "weight": case.weight, "ms": ms, "gbps": gb,
                                     "gbps_single_read": gb1, "pct_of_copy": 100 * gb / ceiling,
                                     "pct_of_copy_single_read": 100 * gb1 / ceiling,
@@ -353,6 +356,42 @@ def test_bench_case_checks_and_times_each_pass(dtype):
     doc = fake_doc(sets=())
     doc["records"] = records
     schema.validate(doc)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="simulates a GPU's tuning cache in the interpreter")
+def test_bench_times_tritonbn_on_heuristic_configs_next_to_tuned(monkeypatch, tmp_path):
+    """impl tritonbn_heuristic runs every launch on the heuristic, even where a tuned
+    config exists; the summary and report show tritonbn's speedup over it."""
+    from tritonbn import ops, tuning
+    from tritonbn.layout import kernel_view
+    from tritonbn.perf import bench
+    from tritonbn.perf.report import markdown
+
+    monkeypatch.setenv("TRITONBN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_stores", {})
+    shape = (3, 6, 5, 4)
+    _, v = kernel_view(torch.empty(shape).to(memory_format=torch.channels_last))
+    tuned = heuristics.Config(4, 2, 3, num_warps=2)
+    tuning.store("Fake GPU").put({tuning.bucket(k, torch.float32, v): (tuned, {})
+                                  for k in heuristics.TILE_KERNELS})
+    chosen = []
+    real_plan = ops.plan
+    monkeypatch.setattr(ops, "plan", lambda v, cfg: chosen.append(cfg) or real_plan(v, cfg))
+    opts = bench.Options(device=DEVICE, impls=("tritonbn", "tritonbn_heuristic"), cpu_reps=1,
+                         passes=("fwd",))
+    with tuning.simulate_gpu(timer=None, gpu="Fake GPU"):
+        records, errors = bench.run_case(shapes.Case("quick", shape), "channels_last", "float32",
+                                         "bn_relu", opts, torch.device(DEVICE), 100.0,
+                                         interpreted=True)
+    assert errors == [] and all(r["ok"] for r in records)
+    assert [r["impl"] for r in records] == ["tritonbn", "tritonbn_heuristic"]
+    n_tuned = sum(c == tuned for c in chosen)
+    assert n_tuned > 0 and n_tuned == len(chosen) - n_tuned  # same launches, heuristic configs
+    doc = fake_doc(sets=())
+    doc["records"] = records
+    (row,) = summary_rows(records)
+    assert row["vs_tritonbn_heuristic"] == pytest.approx(records[1]["ms"] / records[0]["ms"])
+    assert "× heuristic configs" in markdown(schema.validate(doc), {})
 
 
 def test_bench_check_catches_a_wrong_implementation(monkeypatch):

@@ -1,4 +1,4 @@
-"""The ``tritonbn`` command: demo, bench, report."""
+"""The ``tritonbn`` command: demo, bench, report, tune."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,8 @@ def _use_interpreter_without_gpu() -> str:
     return "cpu"
 
 
-def _csv(choices):
+def csv_choices(choices):
+    """argparse type: a comma-separated list, each item one of choices."""
     def parse(text):
         items = tuple(t.strip() for t in text.split(",") if t.strip())
         bad = [t for t in items if t not in choices]
@@ -42,15 +43,17 @@ def _add_bench(sub):
                    help="cuda (default): real timings. cpu: tiny shapes through Triton's "
                         "interpreter to exercise the pipeline; the results are marked "
                         "'interpreter, not performance'")
-    p.add_argument("--shapes", type=_csv(shapes.SET_NAMES + shapes.SUBSETS + ("all",)),
+    p.add_argument("--shapes", type=csv_choices(shapes.SET_NAMES + shapes.SUBSETS + ("all",)),
                    default=("quick",), help="shape sets: quick, resnet50 (batch 256 and 32), "
                                             "resnet50/b256, resnet50/b32, stress, all (default quick)")
-    p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), default=tuple(DTYPES))
-    p.add_argument("--layouts", type=_csv(("NCHW", "channels_last")), default=("NCHW", "channels_last"),
+    p.add_argument("--dtypes", type=csv_choices(tuple(DTYPES)), default=tuple(DTYPES))
+    p.add_argument("--layouts", type=csv_choices(("NCHW", "channels_last")), default=("NCHW", "channels_last"),
                    help="for 4-D shapes (2-D and 3-D inputs have one layout)")
-    p.add_argument("--ops", type=_csv(OPS), default=OPS)
-    p.add_argument("--passes", type=_csv(model.PASSES), default=model.PASSES)
-    p.add_argument("--impls", type=_csv(schema.IMPLS), default=schema.IMPLS)
+    p.add_argument("--ops", type=csv_choices(OPS), default=OPS)
+    p.add_argument("--passes", type=csv_choices(model.PASSES), default=model.PASSES)
+    p.add_argument("--impls", type=csv_choices(schema.IMPLS), default=schema.DEFAULT_IMPLS,
+                   help="default tritonbn,torch,torch_compile; tritonbn_heuristic times tritonbn "
+                        "with every launch on its heuristic config (what tuning gains)")
     p.add_argument("--out", help="results JSON (default tritonbn-bench-DATE-DEVICE.json)")
     p.add_argument("--append", action="store_true",
                    help="keep the records already in --out (same device); re-measured ones are replaced")
@@ -109,6 +112,9 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     _add_bench(sub)
     _add_report(sub)
+    from .tuning.command import add_parser as add_tune
+
+    add_tune(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         device = _use_interpreter_without_gpu()
@@ -121,4 +127,8 @@ def main(argv=None) -> int:
         from .perf.report import render_cli
 
         return render_cli(args.results, args.out)
+    if args.command == "tune":
+        from .tuning.command import run
+
+        return run(args)
     return 2

@@ -1,4 +1,4 @@
-"""Launch parameters without autotuning: a block shape, a split count, warps.
+"""Launch parameters without tuning: block shape, split count, warps and stages.
 
 Tiles hold about TILE elements: on the GPU enough bytes in flight per program to
 stream at bandwidth; under the interpreter (numpy, ~ms per program and per loop
@@ -6,6 +6,9 @@ iteration) as few and as large tiles as possible. The split count targets a few
 waves of programs on the GPU, so a handful of channels with a long reduced axis
 still fills every SM; under the interpreter it stays at 2-4 programs, enough to
 exercise the cross-split combine in every test.
+
+These are the defaults every launch falls back to (and the only configs the
+interpreter uses); tuned configs (tritonbn/tuning) replace them per shape bucket.
 """
 from __future__ import annotations
 
@@ -17,13 +20,32 @@ import triton
 
 from .layout import View
 
+# The six kernels with launch parameters of their own, by the name configs are kept under.
+TILE_KERNELS = ("stats", "normalize", "bwd_reduce", "dx")  # grid: channel blocks x splits
+COMBINE_KERNELS = ("stats_combine", "bwd_combine")         # grid: channel blocks
+KERNELS = ("stats", "stats_combine", "normalize", "bwd_reduce", "bwd_combine", "dx")  # stage order
+REDUCE_KERNELS = ("stats", "bwd_reduce")  # write per-split partials that a combine sums
+
 
 @dataclass(frozen=True)
 class Config:
+    """A tile kernel's launch: BLOCK_M reduced-axis positions x BLOCK_C channels per tile."""
     BLOCK_M: int
     BLOCK_C: int
     split: int  # upper bound on splits of the tile range (the grid's 2nd axis)
     num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    """A combine kernel's launch: BLOCK_S splits x BLOCK_C channels per step."""
+    BLOCK_S: int
+    BLOCK_C: int
+    num_warps: int = 4
+
+
+CONFIG_TYPE = {k: Config for k in TILE_KERNELS} | {k: CombineConfig for k in COMBINE_KERNELS}
 
 
 def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
@@ -38,12 +60,19 @@ def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
     split = triton.cdiv(n_tiles, per_split)  # no empty split
     grid = (triton.cdiv(v.C, cfg.BLOCK_C), split)
     args = dict(n_inner_tiles=n_inner_tiles, n_tiles=n_tiles, tiles_per_split=per_split)
-    meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps)
+    meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
     return grid, args, meta
 
 
+def plan_combine(C: int, cfg: CombineConfig) -> tuple[tuple[int], dict]:
+    """Grid and launch meta-parameters for a combine kernel over C channels."""
+    return (triton.cdiv(C, cfg.BLOCK_C),), dict(BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,
+                                                 num_warps=cfg.num_warps)
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """SMs of a CUDA device; an H100's 132 when planning a launch off the GPU
     (ahead-of-time compile checks)."""
     if device.type != "cuda":
@@ -51,8 +80,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def heuristic(kind: str, v: View, elem_size: int, device: torch.device, interpret: bool) -> Config:
-    """kind: 'reduce' (stats pass 1, backward pass 1) or 'elementwise' (normalize, dx)."""
+def programs_per_sm(kernel: str) -> int:
+    """Waves of the default split: reductions 4 programs per SM, elementwise 8."""
+    return 4 if kernel in REDUCE_KERNELS else 8
+
+
+def split_for(kernel: str, v: View, BLOCK_C: int, programs: int) -> int:
+    """Splits of the reduced axis giving about `programs` programs in all."""
+    split = max(1, programs // triton.cdiv(v.C, BLOCK_C))
+    if kernel in REDUCE_KERNELS:
+        split = min(split, 1024)  # keeps the combine's sweep short
+    return split
+
+
+def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interpret: bool) -> Config:
+    """The default launch of a tile kernel (see TILE_KERNELS) over v."""
     tile = 8192 if interpret else (2048 if elem_size >= 4 else 4096)
     pow2 = triton.next_power_of_2
     if v.channel_last:
@@ -62,12 +104,13 @@ def heuristic(kind: str, v: View, elem_size: int, device: torch.device, interpre
     else:
         BLOCK_M = min(pow2(v.inner), tile)
         BLOCK_C = min(pow2(v.C), max(1, tile // BLOCK_M))
-    if interpret:
-        programs = 4
-    else:
-        programs = (4 if kind == "reduce" else 8) * _sm_count(device)
-    split = max(1, programs // triton.cdiv(v.C, BLOCK_C))
-    if kind == "reduce":
-        split = min(split, 1024)  # keeps the combine's sweep short
+    programs = 4 if interpret else programs_per_sm(kernel) * sm_count(device)
+    split = split_for(kernel, v, BLOCK_C, programs)
     num_warps = 8 if BLOCK_M * BLOCK_C >= 4096 else 4
     return Config(BLOCK_M, BLOCK_C, split, num_warps)
+
+
+def heuristic_combine(C: int, split: int) -> CombineConfig:
+    """The default launch of a combine kernel over `split` partials of C channels."""
+    return CombineConfig(BLOCK_S=min(triton.next_power_of_2(split), 32),
+                         BLOCK_C=min(triton.next_power_of_2(C), 64))

@@ -10,18 +10,22 @@ import os
 import struct
 
 import torch
-import triton
 import triton.language as tl
 
 from . import kernels as K
-from .heuristics import Config, heuristic, plan
+from . import tuning
+from .heuristics import (KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig, Config, plan,
+                         plan_combine)
 from .layout import View, kernel_view, like
 
 ACTIVATIONS = {None: 0, "relu": 1}
 
-# Test and tuning hooks: a Config per kernel kind instead of the heuristic, and
-# 64-bit offsets on tensors too small to need them.
-_overrides: dict = {"reduce": None, "elementwise": None, "int64": False}
+# Test and tuning hooks: a config per kernel instead of the selected one (tuned or
+# heuristic), and 64-bit offsets on tensors too small to need them.
+_overrides: dict = dict.fromkeys(KERNELS) | {"int64": False}
+# groups of kernels launch_overrides accepts under one name
+GROUPS = {"reduce": REDUCE_KERNELS,
+          "elementwise": tuple(k for k in TILE_KERNELS if k not in REDUCE_KERNELS)}
 
 
 def interpreting() -> bool:
@@ -40,11 +44,19 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def launch_overrides(reduce: Config | None = None, elementwise: Config | None = None,
-                     int64: bool = False):
-    """Force launch configs (per kernel kind) and/or 64-bit offsets inside the block."""
+def launch_overrides(int64: bool | None = None, **configs: Config | CombineConfig | None):
+    """Force launch configs inside the block, by kernel name (see heuristics.KERNELS)
+    or group ("reduce": stats + bwd_reduce, "elementwise": normalize + dx); None
+    keeps the usual choice. int64=True forces 64-bit offsets."""
     saved = dict(_overrides)
-    _overrides.update(reduce=reduce, elementwise=elementwise, int64=int64)
+    for name, cfg in configs.items():
+        if name not in KERNELS and name not in GROUPS:
+            raise TypeError(f"launch_overrides: unknown kernel {name!r}; "
+                            f"choose from {', '.join(KERNELS + tuple(GROUPS))}")
+        for k in GROUPS.get(name, (name,)):
+            _overrides[k] = cfg
+    if int64 is not None:
+        _overrides["int64"] = int64
     try:
         yield
     finally:
@@ -55,9 +67,10 @@ def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _launch(kind: str, x: torch.Tensor, v: View):
-    """(grid, keyword arguments) shared by every tile kernel over x."""
-    cfg = _overrides[kind] or heuristic(kind, v, x.element_size(), x.device, interpreting())
+def _launch(kernel: str, x: torch.Tensor, v: View):
+    """(grid, keyword arguments) of a tile kernel over x: the forced config, else
+    the tuned one for x's shape bucket, else the heuristic."""
+    cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting())
     grid, tile_args, meta = plan(v, cfg)
     kw = dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
               s_inner=v.s_inner, CHANNEL_LAST=v.channel_last,
@@ -66,10 +79,11 @@ def _launch(kind: str, x: torch.Tensor, v: View):
     return grid, kw
 
 
-def _combine_blocks(C: int, split: int):
-    BLOCK_C = min(triton.next_power_of_2(C), 64)
-    BLOCK_S = min(triton.next_power_of_2(split), 32)
-    return (triton.cdiv(C, BLOCK_C),), BLOCK_C, BLOCK_S
+def _launch_combine(kernel: str, x: torch.Tensor, v: View, split: int):
+    """(grid, keyword arguments) of a combine kernel over `split` partials."""
+    cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
+    grid, meta = plan_combine(v.C, cfg)
+    return grid, dict(ACC=_acc(x.dtype)[1], **meta)
 
 
 def _fp32_pair(value: float) -> tuple[float, float]:
@@ -84,25 +98,41 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
     momentum=None takes the factor 1/num_batches_tracked on the device.
     """
     acc = _acc(x.dtype)[0]
-    grid, kw = _launch("reduce", x, v)
-    partials = torch.empty((3, grid[1], v.C), dtype=acc, device=x.device)
-    K.stats_partial_kernel[grid](x, partials, **kw)
-    mean = torch.empty(v.C, dtype=acc, device=x.device)
-    invstd = torch.empty_like(mean)
     update = running_mean is not None and running_var is not None
     from_nbt = update and momentum is None
     if from_nbt and num_batches_tracked is None:
         raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
-    cgrid, BLOCK_C, BLOCK_S = _combine_blocks(v.C, grid[1])
+    grid, kw = _launch("stats", x, v)
+    partials = torch.empty((3, grid[1], v.C), dtype=acc, device=x.device)
+    K.stats_partial_kernel[grid](x, partials, **kw)
+    mean = torch.empty(v.C, dtype=acc, device=x.device)
+    invstd = torch.empty_like(mean)
+    cgrid, ckw = _launch_combine("stats_combine", x, v, grid[1])
     K.stats_combine_kernel[cgrid](
         partials, mean, invstd,
         running_mean if update else mean, running_var if update else mean,
         num_batches_tracked if from_nbt else mean,
         v.C, grid[1], v.count, *_fp32_pair(momentum or 0.0), float(eps),
-        BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, UPDATE_RUNNING=update,
-        MOMENTUM_FROM_NBT=from_nbt, ACC=_acc(x.dtype)[1],
+        UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt, **ckw,
     )
     return mean, invstd
+
+
+def _act_args(weight, bias, batch, eps, activation) -> dict:
+    """Per-channel parameter flags shared by normalize and the backward kernels."""
+    return dict(eps=float(eps), FROM_VAR=not batch, HAS_W=weight is not None,
+                HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
+
+
+def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation):
+    """y = act((x - mean) * invstd * weight + bias), in x's strides."""
+    y = torch.empty_like(x)
+    grid, kw = _launch("normalize", x, v)
+    K.normalize_kernel[grid](
+        x, y, mean, s, weight if weight is not None else s, bias if bias is not None else s,
+        **_act_args(weight, bias, batch, eps, activation), **kw,
+    )
+    return y
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -111,20 +141,48 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     per-channel (mean, s) that backward needs: s is invstd for batch statistics,
     running_var (with FROM_VAR) for eval."""
     x, v = kernel_view(x)
-    y = torch.empty_like(x)
     if x.numel() == 0:
-        return y, x, v, None, None
+        return torch.empty_like(x), x, v, None, None
+    tuning.on_first_use(("stats", "stats_combine", "normalize") if batch else ("normalize",),
+                        x, v, interpreting(), weight=weight, bias=bias, eps=eps,
+                        activation=activation)
     if batch:
         mean, s = batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps)
     else:
         mean, s = running_mean, running_var
-    grid, kw = _launch("elementwise", x, v)
-    K.normalize_kernel[grid](
-        x, y, mean, s, weight if weight is not None else s, bias if bias is not None else s,
-        eps=float(eps), FROM_VAR=not batch, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACT=ACTIVATIONS[activation], **kw,
+    return normalize(x, v, mean, s, weight, bias, batch, eps, activation), x, v, mean, s
+
+
+def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need_dw, need_db):
+    """(sums, dweight, dbias): sums[0] = sum dy', sums[1] = sum dy' * xhat per channel;
+    dweight/dbias written only when asked for (else None)."""
+    acc = _acc(x.dtype)[0]
+    grid, kw = _launch("bwd_reduce", x, v)
+    partials = torch.empty((2, grid[1], v.C), dtype=acc, device=x.device)
+    K.bwd_reduce_kernel[grid](x, dy, mean, s, weight if weight is not None else s,
+                              bias if bias is not None else s, partials,
+                              **_act_args(weight, bias, batch, eps, activation), **kw)
+    sums = torch.empty((2, v.C), dtype=acc, device=x.device)
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty_like(bias) if need_db else None
+    cgrid, ckw = _launch_combine("bwd_combine", x, v, grid[1])
+    K.bwd_combine_kernel[cgrid](
+        partials, sums, dw if need_dw else sums, db if need_db else sums, v.C, grid[1],
+        HAS_DW=need_dw, HAS_DB=need_db, **ckw,
     )
-    return y, x, v, mean, s
+    return sums, dw, db
+
+
+def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activation):
+    """dx; training (batch statistics) needs the grad_sums of the same dy."""
+    dx = torch.empty_like(x)
+    grid, kw = _launch("dx", x, v)
+    K.bwd_dx_kernel[grid](
+        x, dy, dx, mean, s, weight if weight is not None else s, bias if bias is not None else s,
+        sums if sums is not None else s, count=v.count, TRAINING=batch,
+        **_act_args(weight, bias, batch, eps, activation), **kw,
+    )
+    return dx
 
 
 def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs):
@@ -137,30 +195,15 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
                 torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None)
     dy = like(dy, x)
-    acc = _acc(x.dtype)[0]
-    common = dict(eps=float(eps), FROM_VAR=not batch, HAS_W=weight is not None,
-                  HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
-    w = weight if weight is not None else s
-    b = bias if bias is not None else s
-    dw = torch.empty_like(weight) if need_dw else None
-    db = torch.empty_like(bias) if need_db else None
-    sums = None
-    if need_dw or need_db or (need_dx and batch):
-        grid, kw = _launch("reduce", x, v)
-        partials = torch.empty((2, grid[1], v.C), dtype=acc, device=x.device)
-        K.bwd_reduce_kernel[grid](x, dy, mean, s, w, b, partials, **common, **kw)
-        sums = torch.empty((2, v.C), dtype=acc, device=x.device)
-        cgrid, BLOCK_C, BLOCK_S = _combine_blocks(v.C, grid[1])
-        K.bwd_combine_kernel[cgrid](
-            partials, sums, dw if need_dw else sums, db if need_db else sums, v.C, grid[1],
-            BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, HAS_DW=need_dw, HAS_DB=need_db, ACC=_acc(x.dtype)[1],
-        )
+    reduce = need_dw or need_db or (need_dx and batch)
+    kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if need_dx else ())
+    tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
+                        activation=activation, dy=dy)
+    sums = dw = db = None
+    if reduce:
+        sums, dw, db = grad_sums(dy, x, v, mean, s, weight, bias, batch, eps, activation,
+                                 need_dw, need_db)
     dx = None
     if need_dx:
-        dx = torch.empty_like(x)
-        grid, kw = _launch("elementwise", x, v)
-        K.bwd_dx_kernel[grid](
-            x, dy, dx, mean, s, w, b, sums if sums is not None else s,
-            count=v.count, TRAINING=batch, **common, **kw,
-        )
+        dx = grad_input(dy, x, v, mean, s, weight, bias, sums, batch, eps, activation)
     return dx, dw, db

@@ -52,7 +52,7 @@ class Options:
     layouts: tuple = ("NCHW", "channels_last")
     ops: tuple = OPS
     passes: tuple = model.PASSES
-    impls: tuple = schema.IMPLS
+    impls: tuple = schema.DEFAULT_IMPLS
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     cpu_reps: int = 3
@@ -85,7 +85,6 @@ def copy_bandwidth(device: torch.device, opts: Options) -> float:
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, opts)
-    del src, dst
     return model.gbps(2 * nbytes, ms)
 
 
@@ -98,7 +97,7 @@ def bn_class(ndim: int, lib):
 def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tensor):
     """(module to call, its BatchNorm) for one implementation; parameters copied in."""
     C = weight.numel()
-    if impl == "tritonbn":
+    if impl in ("tritonbn", "tritonbn_heuristic"):
         import tritonbn
 
         bn = bn_class(ndim, tritonbn)(C, activation="relu" if op == "bn_relu" else None)
@@ -204,7 +203,9 @@ def make_data(shape, layout, dtype, device, seed):
     tensor drawn on the host would cost seconds of every GPU case."""
     g = torch.Generator(device=device).manual_seed(seed)
     C = shape[1]
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fmt = torch.contiguous_format
+    if layout == "channels_last":
+        fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
     randn = lambda *size: torch.randn(*size, generator=g, device=device)  # noqa: E731
     x = (randn(shape) * 2.0 + 1.5).to(dtype).to(memory_format=fmt).requires_grad_()
     dy = randn(shape).to(dtype).to(memory_format=fmt)
@@ -235,6 +236,18 @@ def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Opt
 
 def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
               x, dy, weight, bias, ref):
+    if impl == "tritonbn_heuristic":
+        from ..tuning import heuristics_only
+
+        with heuristics_only():
+            return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling,
+                            interpreted, x, dy, weight, bias, ref)
+    return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
+                    x, dy, weight, bias, ref)
+
+
+def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
+             x, dy, weight, bias, ref):
     mod, bn = build(impl, op, x.dim(), weight, bias)
     inputs = [x, bn.weight, bn.bias]
     y = mod(x)  # also compiles, for torch_compile
@@ -245,7 +258,7 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
            "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
            "fwd+bwd": lambda: torch.autograd.grad(mod(x), inputs, dy)}
     extra = {}
-    if impl == "tritonbn":
+    if impl in ("tritonbn", "tritonbn_heuristic"):
         backend = "triton-interpreter" if interpreted else "triton"
     elif impl == "torch_compile":
         backend = "inductor"
@@ -323,7 +336,19 @@ def environment(device: torch.device, interpreted: bool) -> dict:
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": schema.INTERPRETER_MODE if interpreted else "gpu",
-            "interpreter": interpreted, "compile_mode": COMPILE_MODE, **hw}
+            "interpreter": interpreted, "compile_mode": COMPILE_MODE,
+            "tuning": _tuning_state(name if device.type == "cuda" else None), **hw}
+
+
+def _tuning_state(gpu: str | None) -> str:
+    """Which launch configs the `tritonbn` implementation ran with."""
+    from .. import tuning
+
+    if gpu is None:
+        return "heuristic (the interpreter always uses them)"
+    tuned, shipped = tuning.store(gpu).sizes()
+    return (f"{tuned} tuned buckets in {tuning.cache_path(gpu)}, {shipped} shipped, else heuristic; "
+            f"TRITONBN_AUTOTUNE={tuning.mode()}")
 
 
 def default_out(env: dict) -> str:
@@ -426,8 +451,8 @@ def _finish(doc: dict, out: str, seconds: float) -> int:
     for r in failed:
         print(f"CHECK FAILED {r['impl']} {r['set']} {r['shape']} {r['layout']} {r['dtype']} "
               f"{r['op']} {r['pass']}: max abs err {r['max_abs_err']}, rel {r['rel_err']}")
-    ours_bad = [r for r in failed if r["impl"] == "tritonbn"] + \
-               [e for e in doc["errors"] if e["impl"] == "tritonbn"]
+    ours_bad = [r for r in failed if r["impl"].startswith("tritonbn")] + \
+               [e for e in doc["errors"] if e["impl"].startswith("tritonbn")]
     if doc["errors"]:
         print(f"{len(doc['errors'])} implementation runs raised (see 'errors' in {out})")
     return 1 if ours_bad else 0

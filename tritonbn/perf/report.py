@@ -16,9 +16,10 @@ import sys
 from collections import defaultdict
 
 from . import schema
-from .summary import _group_order, by_key, speedup, summary_rows, targets
+from .summary import BASELINES, _group_order, by_key, speedup, summary_rows, targets
 
-IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile"}
+IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile",
+              "tritonbn_heuristic": "tritonbn, heuristic configs"}
 
 
 def load(path: str) -> dict:
@@ -80,6 +81,7 @@ def markdown(doc: dict, plots: dict) -> str:
            ("cuDNN", doc["cudnn"]), ("date", doc["date"]), ("mode", doc["mode"]),
            ("copy ceiling", f"{doc['copy_gbps']:.0f} GB/s (device-to-device copy, read + write, same run)"),
            ("torch.compile mode", doc.get("compile_mode", "–")),
+           ("tritonbn launch configs", doc.get("tuning", "–")),
            ("records", len(records))]
     lines += _table(("", ""), env) + [""]
     lines += ["Byte model (E = elements, s = bytes each): two-pass fwd 3·E·s, bwd 5·E·s, fwd+bwd "
@@ -104,10 +106,11 @@ def markdown(doc: dict, plots: dict) -> str:
               "layer count, others equally) and the median % of the copy ceiling.", ""]
     rows = summary_rows(records)
     lines += _table(("set", "op", "pass", "dtype", "layout", "shapes", "× torch", "× torch.compile",
-                     "slowest × torch", "% copy tritonbn", "% copy torch", "% copy compile",
-                     "torch backend"),
+                     "× heuristic configs", "slowest × torch", "% copy tritonbn", "% copy torch",
+                     "% copy compile", "torch backend"),
                     [(r["set"], r["op"], r["pass"], r["dtype"], r["layout"], r["shapes"],
-                      _fmt(r["vs_torch"]), _fmt(r["vs_torch_compile"]), _fmt(r["min_vs_torch"]),
+                      _fmt(r["vs_torch"]), _fmt(r["vs_torch_compile"]),
+                      _fmt(r["vs_tritonbn_heuristic"]), _fmt(r["min_vs_torch"]),
                       _fmt(r["pct_tritonbn"], ".1f"), _fmt(r["pct_torch"], ".1f"),
                       _fmt(r["pct_torch_compile"], ".1f"), ", ".join(r["backends"]) or "–")
                      for r in rows]) + [""]
@@ -147,15 +150,15 @@ def markdown(doc: dict, plots: dict) -> str:
                 return _fmt(speedup(ours, impls.get(impl)))
 
             peak = " / ".join(_fmt(impls[i]["peak_mb"], ".0f") if i in impls else "–"
-                              for i in schema.IMPLS)
+                              for i in schema.DEFAULT_IMPLS)
             table.append((_shape(k[1]), k[3], k[2], ms("tritonbn"), ms("torch"), ms("torch_compile"),
-                          speed("torch"), speed("torch_compile"),
+                          speed("torch"), speed("torch_compile"), speed("tritonbn_heuristic"),
                           _fmt(ours and ours["gbps"], ".0f"), _fmt(ours and ours["pct_of_copy"], ".1f"),
                           _fmt(ours and ours["pct_of_copy_single_read"], ".1f"),
                           peak if pass_ == "fwd+bwd" else "–",
                           _fmt(ours and ours["max_abs_err"], ".2g")))
         lines += _table(("shape", "dtype", "layout", "tritonbn ms", "torch ms", "compile ms",
-                         "× torch", "× compile", "GB/s", "% copy", "% copy 1-read",
+                         "× torch", "× compile", "× heuristic", "GB/s", "% copy", "% copy 1-read",
                          "peak MiB (tb / torch / compile)", "max abs err"), table) + [""]
         for kind in ("speedup", "pct"):
             if (set_, op, pass_, kind) in plots:
@@ -190,7 +193,7 @@ def plot(doc: dict, out_dir: str) -> dict:
         layouts = [lay for lay in schema.LAYOUTS if any(k[2] == lay for k in keys)]
         widest = max(sum(1 for k in keys if (k[3], k[2]) == (d, lay)) for d in dtypes for lay in layouts)
         for kind in ("speedup", "pct"):
-            series = ("torch", "torch_compile") if kind == "speedup" else schema.IMPLS
+            series = BASELINES if kind == "speedup" else schema.IMPLS
             fig, axes = plt.subplots(len(dtypes), len(layouts), squeeze=False,
                                      figsize=(len(layouts) * max(3.5, 0.55 * widest + 1.5),
                                               2.8 * len(dtypes) + 0.8))

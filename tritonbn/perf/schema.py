@@ -10,7 +10,10 @@ from __future__ import annotations
 from .model import OPS, PASSES
 
 SCHEMA_VERSION = 1
-IMPLS = ("tritonbn", "torch", "torch_compile")
+# tritonbn_heuristic: tritonbn with every launch on its heuristic config (no tuned
+# or shipped configs), to measure what tuning gains; run it with --impls.
+IMPLS = ("tritonbn", "torch", "torch_compile", "tritonbn_heuristic")
+DEFAULT_IMPLS = IMPLS[:3]
 BACKENDS = ("triton", "triton-interpreter", "cudnn", "native", "inductor")
 LAYOUTS = ("NCHW", "channels_last", "contiguous")
 DTYPES = ("float16", "bfloat16", "float32")

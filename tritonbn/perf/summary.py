@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from .schema import key
 
-BASELINES = ("torch", "torch_compile")
+BASELINES = ("torch", "torch_compile", "tritonbn_heuristic")
 GROUP = ("set", "op", "pass", "dtype", "layout")
 
 # issue 3's targets: fwd+bwd bn_relu on resnet50 batch 256, channels_last, float16
