@@ -612,3 +612,14 @@ def test_tune_without_a_gpu_exits_nonzero_and_says_why(interpret):
     assert proc.returncode == 2
     assert "tuning needs a CUDA GPU" in proc.stderr
     assert ("TRITON_INTERPRET" in proc.stderr) == interpret
+
+
+def test_select_memo_forgets_its_answers_when_configs_are_added():
+    x, v = view_of((4, 6, 5, 5), torch.channels_last)
+    with tuning.simulate_gpu(FakeTimer(), gpu=GPU):
+        assert config_for("stats", x, v) == heuristics.heuristic("stats", v, 4, x.device, True)
+        assert tuning.store(GPU).memo  # answered from the memo from now on
+        put(tuning.store(GPU), "stats", x, v, Config(8, 4, 3))
+        assert config_for("stats", x, v) == Config(8, 4, 3)
+        with tuning.heuristics_only():
+            assert config_for("stats", x, v) == heuristics.heuristic("stats", v, 4, x.device, True)

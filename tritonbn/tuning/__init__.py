@@ -108,23 +108,37 @@ _stores: dict = {}
 
 def store(gpu: str) -> Store:
     """The configs of gpu under the current cache directory (loaded on first lookup)."""
-    path = cache_path(gpu)
-    key = (gpu, str(path))
-    if key not in _stores:
-        _stores[key] = Store(gpu, path, shipped_path(gpu))
-    return _stores[key]
+    env = os.environ
+    key = (gpu, env.get("TRITONBN_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    s = _stores.get(key)
+    if s is None:
+        s = _stores[key] = Store(gpu, cache_path(gpu), shipped_path(gpu))
+    return s
+
+
+def _default(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None):
+    if kernel in heuristics.COMBINE_KERNELS:
+        return heuristics.heuristic_combine(v.C, split)
+    return heuristics.heuristic(kernel, v, x.element_size(), x.device, interpret)
 
 
 def select(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None = None):
     """The launch config of `kernel` over x (view v): tuned, shipped, else heuristic.
-    Combine kernels pass the split of the partials they sum."""
+    Combine kernels pass the split of the partials they sum.
+
+    Runs before every launch, so each answer is memoized in the GPU's store (a few
+    dict lookups per launch; the store forgets them when configs are added).
+    """
     gpu = gpu_name(x, interpret)
-    cfg = store(gpu).get(bucket(kernel, x.dtype, v)) if gpu is not None else None
-    if cfg is not None:
-        return cfg
-    if kernel in heuristics.COMBINE_KERNELS:
-        return heuristics.heuristic_combine(v.C, split)
-    return heuristics.heuristic(kernel, v, x.element_size(), x.device, interpret)
+    if gpu is None:
+        return _default(kernel, x, v, interpret, split)
+    s = store(gpu)
+    key = (kernel, x.dtype, x.device, v, split)
+    cfg = s.memo.get(key)
+    if cfg is None:
+        cfg = s.get(bucket(kernel, x.dtype, v)) or _default(kernel, x, v, interpret, split)
+        s.memo[key] = cfg
+    return cfg
 
 
 def _capturing_or_tracing(x: torch.Tensor) -> bool:

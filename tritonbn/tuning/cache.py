@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -37,6 +38,7 @@ class CacheWarning(UserWarning):
     """A tuning cache or shipped config file was unusable; heuristics are used instead."""
 
 
+@functools.lru_cache(maxsize=None)
 def versions() -> dict:
     import triton
 
@@ -205,6 +207,7 @@ class Store:
         self.gpu, self.path, self.shipped_path = gpu, path, shipped
         self._cached: dict | None = None
         self._shipped: dict | None = None
+        self.memo: dict = {}  # tuning.select's answers per launch signature
 
     def _cache(self) -> dict:
         if self._cached is None:
@@ -233,6 +236,7 @@ class Store:
         """Add {bucket: (config, extras dict)}: used from now on in this process, and
         saved to the cache file. False (with a warning) when it could not be saved."""
         self._cache().update({k: cfg for k, (cfg, _) in entries.items()})
+        self.memo.clear()
         try:
             save(self.path, self.gpu, {k: entry(cfg, **extra) for k, (cfg, extra) in entries.items()})
         except OSError as e:
