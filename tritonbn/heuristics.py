@@ -23,8 +23,12 @@ from .layout import View
 # The six kernels with launch parameters of their own, by the name configs are kept under.
 TILE_KERNELS = ("stats", "normalize", "bwd_reduce", "dx")  # grid: channel blocks x splits
 COMBINE_KERNELS = ("stats_combine", "bwd_combine")         # grid: channel blocks
-KERNELS = ("stats", "stats_combine", "normalize", "bwd_reduce", "bwd_combine", "dx")  # stage order
+# what a training forward and a backward launch, in order
+PASS_KERNELS = {"fwd": ("stats", "stats_combine", "normalize"),
+                "bwd": ("bwd_reduce", "bwd_combine", "dx")}
+KERNELS = PASS_KERNELS["fwd"] + PASS_KERNELS["bwd"]  # stage order
 REDUCE_KERNELS = ("stats", "bwd_reduce")  # write per-split partials that a combine sums
+COMBINE_OF = {"stats_combine": "stats", "bwd_combine": "bwd_reduce"}  # combine: its reduce
 
 
 @dataclass(frozen=True)

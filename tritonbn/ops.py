@@ -14,8 +14,8 @@ import triton.language as tl
 
 from . import kernels as K
 from . import tuning
-from .heuristics import (KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig, Config, plan,
-                         plan_combine)
+from .heuristics import (KERNELS, PASS_KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig,
+                         Config, plan, plan_combine)
 from .layout import View, kernel_view, like
 
 ACTIVATIONS = {None: 0, "relu": 1}
@@ -143,7 +143,7 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     x, v = kernel_view(x)
     if x.numel() == 0:
         return torch.empty_like(x), x, v, None, None
-    tuning.on_first_use(("stats", "stats_combine", "normalize") if batch else ("normalize",),
+    tuning.on_first_use(PASS_KERNELS["fwd"] if batch else ("normalize",),
                         x, v, interpreting(), weight=weight, bias=bias, eps=eps,
                         activation=activation)
     if batch:

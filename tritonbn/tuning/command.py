@@ -17,9 +17,10 @@ from functools import partial
 from pathlib import Path
 
 from ..cli import csv_choices
+from ..heuristics import PASS_KERNELS
 
 LAYOUTS = ("channels_last", "nchw")
-PASSES = {"fwd": ("stats", "stats_combine", "normalize"), "bwd": ("bwd_reduce", "bwd_combine", "dx")}
+PASSES = PASS_KERNELS
 DTYPES = ("float16", "bfloat16", "float32")
 
 

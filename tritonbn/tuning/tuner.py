@@ -130,7 +130,7 @@ def tune(kernels, x: torch.Tensor, v, *, weight=None, bias=None, eps=1e-5, activ
     stages = _Stages(x, v, weight, bias, eps, activation, dy)
     results = []
     for kernel in (k for k in heuristics.KERNELS if k in kernels):
-        if kernel in ("bwd_reduce", "bwd_combine", "dx"):
+        if kernel in heuristics.PASS_KERNELS["bwd"]:
             stages.need_dy()
         result = _tune_one(kernel, stages, timer, interpret, limit, fixed)
         if result is not None:
