@@ -623,3 +623,17 @@ def test_select_memo_forgets_its_answers_when_configs_are_added():
         assert config_for("stats", x, v) == Config(8, 4, 3)
         with tuning.heuristics_only():
             assert config_for("stats", x, v) == heuristics.heuristic("stats", v, 4, x.device, True)
+
+
+def test_a_combine_is_tuned_for_the_split_its_reduce_launches_with():
+    """stats tuned earlier (split 2), stats_combine not: the combine's default and
+    candidates are sized for 2 partials, not for the heuristic's split."""
+    x, v = view_of((4, 6, 16, 16))
+    cached = Config(64, 2, 2)
+    put(tuning.store(GPU), "stats", x, v, cached)
+    assert heuristics.plan(v, cached)[0][1] == 2
+    assert heuristics.plan(v, heuristics.heuristic("stats", v, 4, x.device, True))[0][1] != 2
+    with tuning.simulate_gpu(FakeTimer(), gpu=GPU):
+        res, = tuner.tune(("stats_combine",), x, v, timer=FakeTimer(), interpret=True)
+    assert res.default == heuristics.heuristic_combine(6, 2)
+    assert res.config.BLOCK_S <= 2

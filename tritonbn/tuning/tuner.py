@@ -29,7 +29,7 @@ import torch
 
 from .. import heuristics, ops
 from ..testing import poisoned_allocations
-from . import space
+from . import select, space
 
 REDUCTION_RTOL = 1e-3
 
@@ -148,9 +148,9 @@ def _tune_one(kernel, stages, timer, interpret, limit, fixed) -> Result | None:
         rounds = [lambda best: space.tile_candidates(kernel, v, x.element_size(), sms, best),
                   lambda best: space.launch_candidates(kernel, v, sms, best)]
     else:
-        parent = "stats" if kernel == "stats_combine" else "bwd_reduce"
-        parent_cfg = fixed.get(parent) or heuristics.heuristic(parent, v, x.element_size(),
-                                                               x.device, interpret)
+        # the split the combine sums is that of the config its reduce really launches with
+        parent = heuristics.COMBINE_OF[kernel]
+        parent_cfg = fixed.get(parent) or select(parent, x, v, interpret)
         split = heuristics.plan(v, parent_cfg)[0][1]
         default = heuristics.heuristic_combine(v.C, split)
         rounds = [lambda best: space.combine_candidates(kernel, v.C, split, best)]
