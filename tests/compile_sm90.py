@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tritonbn import ops  # noqa: E402
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-         torch.float64: "fp64", torch.int64: "i64"}
+         torch.float64: "fp64", torch.int64: "i64", torch.uint8: "u8"}
 TARGET = GPUTarget("cuda", 90, 32)
 seen = set()
 
@@ -68,6 +68,14 @@ class Compile:
         return launch
 
 
+def _input(shape, fmt, dtype):
+    """x (never read: launches only compile), its channels, and its parameter dtype."""
+    x = torch.empty(shape, dtype=dtype)
+    if fmt is not None:
+        x = x.to(memory_format=fmt)
+    return x, shape[1], torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def main():
     for name in ops.K.__all__:
         setattr(ops.K, name, Compile(getattr(ops.K, name)))
@@ -76,26 +84,47 @@ def main():
             cases, TYPES_FLOAT, [None, "relu"], [True, False], [False, True]):
         if int64 and (dtype != torch.float16 or act is None):
             continue
-        x = torch.empty(shape, dtype=dtype)
-        if fmt is not None:
-            x = x.to(memory_format=fmt)
-        C = shape[1]
-        pdt = torch.float64 if dtype == torch.float64 else torch.float32
+        x, C, pdt = _input(shape, fmt, dtype)
         w = torch.empty(C, dtype=pdt) if affine else None
         b = torch.empty(C, dtype=pdt) if affine else None
         rm, rv, nbt = torch.empty(C, dtype=pdt), torch.empty(C, dtype=pdt), torch.ones((), dtype=torch.int64)
         with ops.launch_overrides(int64=int64):
             for batch, momentum in ((True, 0.1), (True, None), (False, 0.1)):
-                y, xk, v, mean, s = ops.forward(x, w, b, rm, rv, nbt, batch, momentum, 1e-5, act)
+                y, xk, v, mean, s, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum, 1e-5,
+                                                   act)
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
-                             (True, affine, affine))
+                             (True, affine, affine, False))
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
-                             (False, affine, False))
+                             (False, affine, False, False))
+    residual_variants(cases)
     print(f"compiled {len(seen)} kernel variants for sm_90")
     before = len(seen)
     search_space()
     print(f"compiled {len(seen) - before} tuning candidates for sm_90")
     return 0
+
+
+def residual_variants(cases):
+    """Every activation, with and without a residual (mask or reload), train and eval,
+    with dz alone and with dx; 64-bit offsets on the mask path too."""
+    for (shape, fmt), dtype, act, int64 in itertools.product(
+            cases, TYPES_FLOAT, list(ops.ACTIVATIONS), [False, True]):
+        if int64 and (dtype != torch.float16 or act not in ("relu", "gelu")):
+            continue
+        if dtype == torch.float64 and act not in ("silu", "gelu"):  # exp, erf in float64
+            continue
+        x, C, pdt = _input(shape, fmt, dtype)
+        w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
+        z = torch.empty_like(x)
+        with ops.launch_overrides(int64=int64):
+            for batch, residual in itertools.product((True, False), (None, z)):
+                if residual is None and act in (None, "relu"):
+                    continue  # compiled above
+                y, xk, v, mean, s, mask = ops.forward(x, w, b, rm, rv, None, batch, 0.1, 1e-5,
+                                                      act, residual=residual, slope=0.1)
+                for needs in ((True, True, True, True), (False, False, False, True)):
+                    ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
+                                 needs, slope=0.1, residual=residual, mask=mask)
 
 
 def search_space():

@@ -33,7 +33,7 @@ def test_subclass_state_dict_and_repr(name):
     assert "activation=None" in repr(getattr(tritonbn, name)(4))
 
 
-@pytest.mark.parametrize("act", ["gelu", "ReLU", 1])
+@pytest.mark.parametrize("act", ["tanh", "ReLU", "gelu_tanh", 1, ["relu"]])
 def test_bad_activation(act):
     with pytest.raises(ValueError, match="activation"):
         tritonbn.BatchNorm2d(3, activation=act)

@@ -1,4 +1,9 @@
-"""torch.autograd.Function over the host ops. Saves x and the per-channel stats only."""
+"""torch.autograd.Function over the host ops.
+
+Saves x and the per-channel stats, and, after a residual add, what
+ops.residual_mode picks: the 1-bit mask (relu, leaky_relu), the residual itself
+(silu, gelu), or nothing (no activation). Never a full-size pre-activation.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,18 +14,23 @@ from . import ops
 
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                batch, momentum, eps, activation):
-        y, xk, v, mean, s = ops.forward(x, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, batch, momentum, eps, activation)
-        ctx.save_for_backward(xk, weight, bias, mean, s)
-        ctx.view, ctx.batch, ctx.eps, ctx.activation = v, batch, eps, activation
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                batch, momentum, eps, activation, slope):
+        y, xk, v, mean, s, mask = ops.forward(x, weight, bias, running_mean, running_var,
+                                              num_batches_tracked, batch, momentum, eps,
+                                              activation, residual=residual, slope=slope)
+        mode = ops.residual_mode(activation, residual is not None)
+        ctx.save_for_backward(xk, weight, bias, mean, s,
+                              mask if mode == ops.RES_MASK else None,
+                              residual if mode == ops.RES_RELOAD else None)
+        ctx.view, ctx.batch, ctx.eps, ctx.activation, ctx.slope = v, batch, eps, activation, slope
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, mean, s = ctx.saved_tensors
-        dx, dw, db = ops.backward(dy, x, ctx.view, mean, s, weight, bias, ctx.batch, ctx.eps,
-                                  ctx.activation, ctx.needs_input_grad[:3])
-        return dx, dw, db, None, None, None, None, None, None, None
+        x, weight, bias, mean, s, mask, residual = ctx.saved_tensors
+        dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, ctx.batch, ctx.eps,
+                                      ctx.activation, ctx.needs_input_grad[:4], slope=ctx.slope,
+                                      residual=residual, mask=mask)
+        return dx, dw, db, dz, None, None, None, None, None, None, None, None

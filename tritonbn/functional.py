@@ -8,7 +8,7 @@ from .autograd import BatchNormFunction
 
 
 def check_activation(activation):
-    if activation not in ops.ACTIVATIONS:
+    if not (activation is None or isinstance(activation, str)) or activation not in ops.ACTIVATIONS:
         choices = ", ".join(repr(a) for a in ops.ACTIVATIONS)
         raise ValueError(f"activation must be one of {choices}; got {activation!r}")
     return activation
@@ -44,30 +44,61 @@ def _check(input, running_mean, running_var, weight, bias, training):
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
+def check_negative_slope(negative_slope):
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError("negative_slope must be a number, got "
+                        f"{type(negative_slope).__name__}")
+    return float(negative_slope)
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, activation=None):
-    """Batch normalization over (N, C, *) input, then ``activation`` (None or "relu").
+               momentum=0.1, eps=1e-5, *, activation=None, residual=None, negative_slope=0.01):
+    """Batch normalization over (N, C, *) input, plus ``residual``, then ``activation``:
+    ``act(F.batch_norm(input, ...) + residual)``, in one pass over memory.
 
     Same arguments and semantics as :func:`torch.nn.functional.batch_norm`:
     ``training=True`` normalizes with the batch statistics (biased variance) and
     updates ``running_mean``/``running_var`` in place when given (unbiased
     variance, factor ``momentum``); ``training=False`` uses the running stats.
+
+    ``activation``: None, "relu", "leaky_relu" (with ``negative_slope``), "silu" or
+    "gelu" (the exact erf form, as ``nn.GELU()``). ``residual``: None or a tensor
+    added before the activation; its grad comes from the same backward passes. It
+    is fused when it has the input's shape, dtype and device (any memory format);
+    otherwise the sum is taken unfused, with torch's broadcasting and promotion.
+
     CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton
-    kernels; other CPU tensors run torch's own batch_norm.
+    kernels; other CPU tensors run torch's own ops.
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       check_activation(activation))
+                       check_activation(activation), residual=residual,
+                       negative_slope=check_negative_slope(negative_slope))
+
+
+def _fusable(input, residual) -> bool:
+    return (residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                activation, num_batches_tracked=None):
+                activation, num_batches_tracked=None, *, residual=None, negative_slope=0.01):
     """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked."""
     _check(input, running_mean, running_var, weight, bias, training)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
                         "module's num_batches_tracked)")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"batch_norm(): residual must be a Tensor or None, "
+                            f"not {type(residual).__name__}")
+        if not _fusable(input, residual):
+            y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps, None, num_batches_tracked)
+            return reference.activate(y + residual, activation, negative_slope)
     if not ops.uses_triton(input):
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, activation, num_batches_tracked)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, bool(training), momentum, eps, activation)
+                                    momentum, eps, activation, num_batches_tracked, residual,
+                                    negative_slope)
+    return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                   num_batches_tracked, bool(training), momentum, eps, activation,
+                                   negative_slope)

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .functional import _batch_norm, check_activation
+from .functional import _batch_norm, check_activation, check_negative_slope
 
 
 class _BatchNormAct:
     """forward() of torch's _BatchNorm, verbatim in its semantics, on tritonbn's kernels."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, activation=None):
+                 track_running_stats=True, device=None, dtype=None, *, activation=None,
+                 negative_slope=0.01):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.activation = check_activation(activation)
+        self.negative_slope = check_negative_slope(negative_slope)
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         nbt = None
@@ -37,10 +40,14 @@ class _BatchNormAct:
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             self.weight, self.bias, bn_training, momentum, self.eps, self.activation, nbt,
+            residual=residual, negative_slope=self.negative_slope,
         )
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+        out = f"{super().extra_repr()}, activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            out += f", negative_slope={self.negative_slope}"
+        return out
 
 
 class BatchNorm1d(_BatchNormAct, nn.BatchNorm1d):
@@ -49,10 +56,14 @@ class BatchNorm1d(_BatchNormAct, nn.BatchNorm1d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm1d`.
-        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
+            (exact erf form), applied in the same kernel, after the residual.
+        negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
 
     Shape:
         Input (N, C) or (N, C, L); output the same shape and memory format.
+        ``forward(input, residual=None)``: a residual of the input's shape is added
+        before the activation (``act(bn(input) + residual)``), with its grad.
 
     Examples::
 
@@ -67,16 +78,21 @@ class BatchNorm2d(_BatchNormAct, nn.BatchNorm2d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm2d`.
-        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
+            (exact erf form), applied in the same kernel, after the residual.
+        negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
 
     Shape:
         Input (N, C, H, W), contiguous or channels_last; output the same shape and
-        memory format.
+        memory format. ``forward(input, residual=None)``: a residual of the input's
+        shape, in any memory format, is added before the activation.
 
     Examples::
 
         >>> m = tritonbn.BatchNorm2d(64, activation="relu")   # = nn.BatchNorm2d(64) + nn.ReLU()
         >>> y = m(torch.randn(8, 64, 32, 32))
+        >>> x, identity = torch.randn(8, 64, 32, 32), torch.randn(8, 64, 32, 32)
+        >>> y = m(x, identity)                                 # = relu(bn(x) + identity)
     """
 
 
@@ -86,11 +102,14 @@ class BatchNorm3d(_BatchNormAct, nn.BatchNorm3d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm3d`.
-        activation: ``None`` or ``"relu"``, applied to the output in the same kernel.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
+            (exact erf form), applied in the same kernel, after the residual.
+        negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
 
     Shape:
         Input (N, C, D, H, W), contiguous or channels_last_3d; output the same shape
-        and memory format.
+        and memory format. ``forward(input, residual=None)``: a residual of the
+        input's shape is added before the activation.
 
     Examples::
 

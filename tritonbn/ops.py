@@ -6,6 +6,7 @@ user sees is computed by the Triton kernels in kernels/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import struct
 
@@ -18,7 +19,23 @@ from .heuristics import (KERNELS, PASS_KERNELS, REDUCE_KERNELS, TILE_KERNELS, Co
                          Config, plan, plan_combine)
 from .layout import View, kernel_view, like
 
-ACTIVATIONS = {None: 0, "relu": 1}
+# activation name -> the kernels' ACT constexpr (kernels/common.py)
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+# what backward keeps of a residual z added before the activation (the kernels' RES)
+RES_NONE, RES_RELOAD, RES_MASK = 0, 1, 2
+
+
+def residual_mode(activation, has_residual: bool) -> int:
+    """How backward gets act'(pre) when pre includes a residual z:
+    RES_MASK   relu, leaky_relu: act' is 1 or a constant, so 1 bit per element
+               (E/8 bytes, written by the forward) is all backward needs;
+    RES_RELOAD silu, gelu: act' needs pre itself, so backward reads z again (saving
+               the caller's z costs no memory while anything else holds it, and at
+               most E*s, the size of the pre-activation it replaces);
+    RES_NONE   no residual, or no activation (dz = dy): nothing to keep."""
+    if not has_residual or activation is None:
+        return RES_NONE
+    return RES_MASK if activation in ("relu", "leaky_relu") else RES_RELOAD
 
 # Test and tuning hooks: a config per kernel instead of the selected one (tuned or
 # heuristic), and 64-bit offsets on tensors too small to need them.
@@ -67,10 +84,13 @@ def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _launch(kernel: str, x: torch.Tensor, v: View):
+def _launch(kernel: str, x: torch.Tensor, v: View, mask: torch.Tensor | None = None):
     """(grid, keyword arguments) of a tile kernel over x: the forced config, else
-    the tuned one for x's shape bucket, else the heuristic."""
+    the tuned one for x's shape bucket, else the heuristic. With a bit mask, the
+    tile holds a multiple of 8 reduced-axis positions (whole bytes of the mask)."""
     cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting())
+    if mask is not None and cfg.BLOCK_M % 8:
+        cfg = dataclasses.replace(cfg, BLOCK_M=8, BLOCK_C=max(1, cfg.BLOCK_C * cfg.BLOCK_M // 8))
     grid, tile_args, meta = plan(v, cfg)
     kw = dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
               s_inner=v.s_inner, CHANNEL_LAST=v.channel_last,
@@ -118,31 +138,59 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
     return mean, invstd
 
 
-def _act_args(weight, bias, batch, eps, activation) -> dict:
+def _act_args(weight, bias, batch, eps, activation, slope) -> dict:
     """Per-channel parameter flags shared by normalize and the backward kernels."""
-    return dict(eps=float(eps), FROM_VAR=not batch, HAS_W=weight is not None,
-                HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
+    return dict(eps=float(eps), slope=float(slope), FROM_VAR=not batch,
+                HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
 
 
-def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation):
-    """y = act((x - mean) * invstd * weight + bias), in x's strides."""
+def mask_view(v: View) -> View:
+    """Shape and strides of the bit mask of a tensor seen as v: its reduced axis
+    packed 8 positions to a byte (kernels/common.py, mask_tile)."""
+    if v.channel_last:
+        return View(-(-v.outer // 8), v.C, 1, v.C, 1, 1, True)
+    ib = -(-v.inner // 8)
+    return View(v.outer, v.C, ib, v.C * ib, ib, 1, False)
+
+
+def new_mask(x: torch.Tensor, v: View) -> torch.Tensor:
+    """An uninitialized bit mask for x (numel / 8 bytes, rounded up per row)."""
+    m = mask_view(v)
+    return torch.empty(m.outer * m.C * m.inner, dtype=torch.uint8, device=x.device)
+
+
+def _mask_args(v: View, mask) -> dict:
+    m = mask_view(v) if mask is not None else View(1, 1, 1, 1, 1, 1, v.channel_last)
+    return dict(M_OUTER=m.outer, M_INNER=m.inner, ms_outer=m.s_outer, ms_c=m.s_c,
+                ms_inner=m.s_inner)
+
+
+def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slope=0.01,
+              z=None, mask=None):
+    """y = act((x - mean) * invstd * weight + bias [+ z]), in x's strides (z too).
+    With `mask` (new_mask), also writes the bit of act'(pre) that RES_MASK reads."""
     y = torch.empty_like(x)
-    grid, kw = _launch("normalize", x, v)
+    grid, kw = _launch("normalize", x, v, mask)
     K.normalize_kernel[grid](
-        x, y, mean, s, weight if weight is not None else s, bias if bias is not None else s,
-        **_act_args(weight, bias, batch, eps, activation), **kw,
+        x, y, z if z is not None else x, mask if mask is not None else x,
+        mean, s, weight if weight is not None else s, bias if bias is not None else s,
+        HAS_RES=z is not None, WRITE_MASK=mask is not None, **_mask_args(v, mask),
+        **_act_args(weight, bias, batch, eps, activation, slope), **kw,
     )
     return y
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-            batch: bool, momentum, eps, activation):
-    """y = act(batchnorm(x)). Returns y, the x the kernels read, its View, and the
-    per-channel (mean, s) that backward needs: s is invstd for batch statistics,
-    running_var (with FROM_VAR) for eval."""
+            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01):
+    """y = act(batchnorm(x) [+ residual]). Returns y, the x the kernels read, its
+    View, the per-channel (mean, s) that backward needs (s is invstd for batch
+    statistics, running_var with FROM_VAR for eval), and the bit mask backward
+    reads under RES_MASK (else None). residual has x's shape, in any strides."""
     x, v = kernel_view(x)
     if x.numel() == 0:
-        return torch.empty_like(x), x, v, None, None
+        return torch.empty_like(x), x, v, None, None, None
+    z = like(residual, x) if residual is not None else None
+    mode = residual_mode(activation, residual is not None)
     tuning.on_first_use(PASS_KERNELS["fwd"] if batch else ("normalize",),
                         x, v, interpreting(), weight=weight, bias=bias, eps=eps,
                         activation=activation)
@@ -150,18 +198,31 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
         mean, s = batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps)
     else:
         mean, s = running_mean, running_var
-    return normalize(x, v, mean, s, weight, bias, batch, eps, activation), x, v, mean, s
+    mask = new_mask(x, v) if mode == RES_MASK else None
+    y = normalize(x, v, mean, s, weight, bias, batch, eps, activation, slope=slope, z=z, mask=mask)
+    return y, x, v, mean, s, mask
 
 
-def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need_dw, need_db):
+def _res_args(x, v, z, mask) -> dict:
+    """Backward's view of the residual: the bit mask if there is one, else z, else nothing."""
+    res = RES_MASK if mask is not None else RES_RELOAD if z is not None else RES_NONE
+    return dict(z_ptr=z if res == RES_RELOAD else x, mask_ptr=mask if res == RES_MASK else x,
+                RES=res, **_mask_args(v, mask))
+
+
+def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need_dw, need_db,
+              *, slope=0.01, z=None, mask=None):
     """(sums, dweight, dbias): sums[0] = sum dy', sums[1] = sum dy' * xhat per channel;
-    dweight/dbias written only when asked for (else None)."""
+    dweight/dbias written only when asked for (else None). dy' takes act'(pre) from
+    the bit mask if given, else from pre recomputed with z (in x's strides) if given."""
     acc = _acc(x.dtype)[0]
-    grid, kw = _launch("bwd_reduce", x, v)
+    grid, kw = _launch("bwd_reduce", x, v, mask)
     partials = torch.empty((2, grid[1], v.C), dtype=acc, device=x.device)
-    K.bwd_reduce_kernel[grid](x, dy, mean, s, weight if weight is not None else s,
-                              bias if bias is not None else s, partials,
-                              **_act_args(weight, bias, batch, eps, activation), **kw)
+    K.bwd_reduce_kernel[grid](x_ptr=x, dy_ptr=dy, mean_ptr=mean, s_ptr=s,
+                              w_ptr=weight if weight is not None else s,
+                              b_ptr=bias if bias is not None else s, partials_ptr=partials,
+                              **_res_args(x, v, z, mask),
+                              **_act_args(weight, bias, batch, eps, activation, slope), **kw)
     sums = torch.empty((2, v.C), dtype=acc, device=x.device)
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
@@ -173,37 +234,56 @@ def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, nee
     return sums, dw, db
 
 
-def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activation):
-    """dx; training (batch statistics) needs the grad_sums of the same dy."""
-    dx = torch.empty_like(x)
-    grid, kw = _launch("dx", x, v)
+def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activation, *,
+               slope=0.01, z=None, mask=None, need_dx=True, dz=None):
+    """dx (None unless need_dx); training (batch statistics) needs the grad_sums of
+    the same dy. Also writes dz = dy', the residual's grad, into dz when given."""
+    dx = torch.empty_like(x) if need_dx else None
+    grid, kw = _launch("dx", x, v, mask)
     K.bwd_dx_kernel[grid](
-        x, dy, dx, mean, s, weight if weight is not None else s, bias if bias is not None else s,
-        sums if sums is not None else s, count=v.count, TRAINING=batch,
-        **_act_args(weight, bias, batch, eps, activation), **kw,
+        x_ptr=x, dy_ptr=dy, dx_ptr=dx if need_dx else x, dz_ptr=dz if dz is not None else x,
+        mean_ptr=mean, s_ptr=s, w_ptr=weight if weight is not None else s,
+        b_ptr=bias if bias is not None else s, sums_ptr=sums if sums is not None else s,
+        count=v.count, TRAINING=batch and need_dx, WRITE_DX=need_dx, WRITE_DZ=dz is not None,
+        **_res_args(x, v, z, mask), **_act_args(weight, bias, batch, eps, activation, slope),
+        **kw,
     )
     return dx
 
 
-def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs):
-    """(dx, dweight, dbias), each None unless asked for in needs = (dx?, dw?, db?)."""
-    need_dx, need_dw, need_db = needs
+def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs, *,
+             slope=0.01, residual=None, mask=None):
+    """(dx, dweight, dbias, dresidual), each None unless asked for in
+    needs = (dx?, dw?, db?, dresidual?). A forward with a residual passes what
+    residual_mode kept: the bit mask (RES_MASK) or the residual itself (RES_RELOAD);
+    dresidual = dy' needs one of them unless there is no activation (then it is dy)."""
+    need_dx, need_dw, need_db, need_dz = needs
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
     if x.numel() == 0:
         return (torch.empty_like(x) if need_dx else None,
                 torch.zeros_like(weight) if need_dw else None,
-                torch.zeros_like(bias) if need_db else None)
+                torch.zeros_like(bias) if need_db else None,
+                torch.empty_like(x) if need_dz else None)
     dy = like(dy, x)
+    z = like(residual, x) if residual is not None and mask is None else None
+    dz = None
+    if need_dz and activation is None:
+        dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
     reduce = need_dw or need_db or (need_dx and batch)
-    kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if need_dx else ())
+    elementwise = need_dx or need_dz
+    kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if elementwise else ())
     tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
                         activation=activation, dy=dy)
     sums = dw = db = None
     if reduce:
         sums, dw, db = grad_sums(dy, x, v, mean, s, weight, bias, batch, eps, activation,
-                                 need_dw, need_db)
+                                 need_dw, need_db, slope=slope, z=z, mask=mask)
     dx = None
-    if need_dx:
-        dx = grad_input(dy, x, v, mean, s, weight, bias, sums, batch, eps, activation)
-    return dx, dw, db
+    if elementwise:
+        if need_dz:
+            dz = torch.empty_like(x)
+        dx = grad_input(dy, x, v, mean, s, weight, bias, sums, batch, eps, activation,
+                        slope=slope, z=z, mask=mask, need_dx=need_dx,
+                        dz=dz if need_dz else None)
+    return dx, dw, db, dz

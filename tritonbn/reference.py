@@ -11,11 +11,26 @@ import torch
 import torch.nn.functional as F
 
 
+def activate(y, activation, negative_slope=0.01):
+    """torch's own activation by tritonbn's name for it (gelu: the exact erf form)."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
 def batch_norm(x, running_mean, running_var, weight, bias, batch, momentum, eps, activation,
-               num_batches_tracked=None):
+               num_batches_tracked=None, residual=None, negative_slope=0.01):
     if momentum is None:  # cumulative average; a CPU scalar, so no device sync
         momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     y = F.batch_norm(x, running_mean, running_var, weight, bias, batch, momentum, eps)
-    if activation == "relu":
-        y = torch.relu(y)
-    return y
+    if residual is not None:
+        y = y + residual
+    return activate(y, activation, negative_slope)

@@ -1,39 +1,56 @@
-"""Backward, with dy' = dy * act'(pre) recomputed from x and the saved stats.
+"""Backward, with dy' = dy * act'(pre) recomputed from x and the saved stats
+(and, after a residual add, from z again or from the bit mask normalize wrote).
 
 pass 1  bwd_reduce_kernel   partials[0, split, c] = sum dy', [1, split, c] = sum dy' * xhat
 pass 2  bwd_combine_kernel  sums[0, c], sums[1, c]; dbias = sum dy', dweight = sum dy' * xhat
 dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat * sum dy'xhat/M)
                             eval:     dx = w * invstd * dy'
+                            and dz = dy', the residual's grad, in the same pass
 """
 import triton
 import triton.language as tl
 
-from .common import act_grad, channel_block, channel_params, tile_range, tile_rows
+from .common import (RES_MASK, RES_RELOAD, act_grad, act_grad_keep, channel_block,
+                     channel_params, mask_tile, tile_range, tile_rows, unpack_bits)
 
 
 @triton.jit
-def load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b,
-                 ACC: tl.constexpr, ACT: tl.constexpr):
-    """dy' = dy * act'(pre) and xhat of one tile, pre exactly as normalize_kernel has it."""
+def load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd, scale, b, slope,
+                 M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner, mcoffs,
+                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+                 INT64: tl.constexpr, ACC: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr):
+    """dy' = dy * act'(pre) and xhat of tile t, pre exactly as normalize_kernel has it."""
     x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
     xc = x - mean[None, :]
-    dy = act_grad(dy, xc * scale[None, :] + b[None, :], x_ptr.dtype.element_ty, ACT)
+    if RES == RES_MASK:
+        moffs, mvalid = mask_tile(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner,
+                                  mcoffs, BLOCK_M, CHANNEL_LAST, INT64)
+        packed = tl.load(mask_ptr + moffs, mask=mvalid[:, None] & cmask[None, :],
+                         other=0)
+        dy = act_grad_keep(dy, unpack_bits(packed, BLOCK_M, BLOCK_C), slope, ACT)
+    else:
+        pre = xc * scale[None, :] + b[None, :]
+        if RES == RES_RELOAD:
+            pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        dy = act_grad(dy, pre, slope, x_ptr.dtype.element_ty, ACT)
     return dy, xc * invstd[None, :]
 
 
 @triton.jit
 def bwd_reduce_kernel(
-    x_ptr, dy_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr,
-    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps,
+    x_ptr, dy_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
+    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
                                         FROM_VAR, HAS_W, HAS_B, ACC)
     scale = invstd * w
+    _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
@@ -42,7 +59,10 @@ def bwd_reduce_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b, ACC, ACT)
+        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
+                                scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
+                                ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
+                                ACT, RES)
         sum_dy += tl.sum(dy, axis=0)
         sum_dy_xhat += tl.sum(dy * xhat, axis=0)
     split_offs = tl.program_id(1) * C + c
@@ -78,16 +98,19 @@ def bwd_combine_kernel(
 
 @triton.jit
 def bwd_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
-    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, count,
+    x_ptr, dy_ptr, z_ptr, mask_ptr, dx_ptr, dz_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
+    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner, count,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+    TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
                                         FROM_VAR, HAS_W, HAS_B, ACC)
     scale = invstd * w
+    _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
     if TRAINING:
         m = tl.cast(count, ACC)
         mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / m
@@ -98,7 +121,13 @@ def bwd_dx_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, ptrs, mask, mean, invstd, scale, b, ACC, ACT)
-        if TRAINING:
-            dy = dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]
-        tl.store(dx_ptr + ptrs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
+                                scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
+                                ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
+                                ACT, RES)
+        if WRITE_DZ:
+            tl.store(dz_ptr + ptrs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            if TRAINING:
+                dy = dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]
+            tl.store(dx_ptr + ptrs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)

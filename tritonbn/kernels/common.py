@@ -2,8 +2,20 @@
 import triton
 import triton.language as tl
 
+# activations (ops.ACTIVATIONS maps their names to these)
 ACT_NONE = tl.constexpr(0)
 ACT_RELU = tl.constexpr(1)
+ACT_LEAKY_RELU = tl.constexpr(2)
+ACT_SILU = tl.constexpr(3)
+ACT_GELU = tl.constexpr(4)
+
+# what backward knows of a residual z added before the activation (ops.residual_mode)
+RES_NONE = tl.constexpr(0)    # no residual, or no activation: act'(pre) needs no z
+RES_RELOAD = tl.constexpr(1)  # read z again and recompute pre (silu, gelu)
+RES_MASK = tl.constexpr(2)    # read the 1-bit act'(pre) != 1 mask normalize wrote (relu, leaky_relu)
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
@@ -81,17 +93,81 @@ def channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
 
 
 @triton.jit
-def activate(pre, ACT: tl.constexpr):
-    """act(pre). ReLU keeps NaN, as torch.relu does."""
+def mask_tile(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner, mcoffs,
+              BLOCK_M: tl.constexpr, CHANNEL_LAST: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and validity of the [BLOCK_M // 8, BLOCK_C] bytes of the bit mask that
+    hold tile t's bits: bit k of byte j is reduced-axis position 8 j + k of the tile.
+
+    The mask is laid out like the data with its reduced axis packed 8 to a byte:
+    channel-last (ceil(OUTER / 8), C), channel-first (OUTER, C, ceil(INNER / 8)).
+    BLOCK_M is a multiple of 8, so every tile owns whole bytes.
+    """
+    offs, valid, _ = tile_rows(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner,
+                               BLOCK_M // 8, CHANNEL_LAST, INT64)
+    return offs[:, None] + mcoffs[None, :], valid
+
+
+@triton.jit
+def pack_bits(keep, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_M, BLOCK_C] booleans -> [BLOCK_M // 8, BLOCK_C] bytes, 8 rows to a byte."""
+    bits = tl.reshape(keep.to(tl.int32), [BLOCK_M // 8, 8, BLOCK_C])
+    weights = 1 << tl.arange(0, 8)
+    return tl.sum(bits * weights[None, :, None], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """pack_bits undone: [BLOCK_M // 8, BLOCK_C] bytes -> [BLOCK_M, BLOCK_C] booleans."""
+    bits = (packed.to(tl.int32)[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+    return tl.reshape(bits, [BLOCK_M, BLOCK_C]) != 0
+
+
+@triton.jit
+def activate(pre, slope, ACT: tl.constexpr):
+    """act(pre), each as torch computes it: relu keeps NaN, gelu is the exact erf form."""
     if ACT == ACT_RELU:
         pre = tl.where(pre <= 0.0, 0.0, pre)
+    elif ACT == ACT_LEAKY_RELU:
+        pre = tl.where(pre > 0.0, pre, pre * slope)
+    elif ACT == ACT_SILU:
+        pre = pre / (1.0 + tl.exp(-pre))
+    elif ACT == ACT_GELU:
+        pre = 0.5 * pre * (1.0 + tl.erf(pre * SQRT1_2))
     return pre
 
 
 @triton.jit
-def act_grad(dy, pre, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
-    """dy * act'(pre). The ReLU mask is taken on the output-dtype value, as torch
-    takes it on the rounded output, and passes NaN through as torch does."""
+def act_keep(pre, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
+    """For relu and leaky_relu, whether act'(pre) is 1 (else 0 or slope): the test
+    torch's backward makes, on the output-dtype value (relu passes NaN through)."""
+    p = pre.to(OUT_DTYPE).to(pre.dtype)
     if ACT == ACT_RELU:
-        dy = tl.where(pre.to(OUT_DTYPE).to(pre.dtype) <= 0.0, 0.0, dy)
+        keep = ~(p <= 0.0)
+    else:
+        keep = p > 0.0
+    return keep
+
+
+@triton.jit
+def act_grad_keep(dy, keep, slope, ACT: tl.constexpr):
+    """dy * act'(pre) for relu and leaky_relu, from act_keep(pre)."""
+    if ACT == ACT_RELU:
+        dy = tl.where(keep, dy, 0.0)
+    elif ACT == ACT_LEAKY_RELU:
+        dy = tl.where(keep, dy, dy * slope)
+    return dy
+
+
+@triton.jit
+def act_grad(dy, pre, slope, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
+    """dy * act'(pre), with torch's formulas for silu and gelu."""
+    if ACT == ACT_RELU or ACT == ACT_LEAKY_RELU:
+        dy = act_grad_keep(dy, act_keep(pre, OUT_DTYPE, ACT), slope, ACT)
+    elif ACT == ACT_SILU:
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        dy = dy * sig * (1.0 + pre * (1.0 - sig))
+    elif ACT == ACT_GELU:
+        cdf = 0.5 * (1.0 + tl.erf(pre * SQRT1_2))
+        pdf = tl.exp(-0.5 * pre * pre) * INV_SQRT_2PI
+        dy = dy * (cdf + pre * pdf)
     return dy

@@ -1,26 +1,34 @@
-"""Forward: y = act((x - mean) * invstd * weight + bias), one read and one write.
+"""Forward: y = act((x - mean) * invstd * weight + bias [+ z]), one read and one write
+(plus one read of the residual z when there is one).
 
 Training passes the batch mean/invstd; eval passes running_mean/running_var
-with FROM_VAR so the same kernel serves both.
+with FROM_VAR so the same kernel serves both. WRITE_MASK also stores, for relu
+and leaky_relu after a residual add, one bit per element telling backward which
+side of 0 the pre-activation fell on, so backward never reads z again.
 """
 import triton
 import triton.language as tl
 
-from .common import activate, channel_block, channel_params, tile_range, tile_rows
+from .common import (act_keep, activate, channel_block, channel_params, mask_tile, pack_bits,
+                     tile_range, tile_rows)
 
 
 @triton.jit
 def normalize_kernel(
-    x_ptr, y_ptr, mean_ptr, s_ptr, w_ptr, b_ptr,
-    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps,
+    x_ptr, y_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr,
+    C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
+    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    HAS_RES: tl.constexpr, WRITE_MASK: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
                                         FROM_VAR, HAS_W, HAS_B, ACC)
     scale = invstd * w
+    if WRITE_MASK:
+        _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
         offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
@@ -28,5 +36,14 @@ def normalize_kernel(
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
         x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        y = activate((x - mean[None, :]) * scale[None, :] + b[None, :], ACT)
+        pre = (x - mean[None, :]) * scale[None, :] + b[None, :]
+        if HAS_RES:
+            pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        y = activate(pre, slope, ACT)
         tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WRITE_MASK:
+            keep = act_keep(pre, y_ptr.dtype.element_ty, ACT) & mask
+            moffs, mvalid = mask_tile(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner,
+                                      mcoffs, BLOCK_M, CHANNEL_LAST, INT64)
+            tl.store(mask_ptr + moffs, pack_bits(keep, BLOCK_M, BLOCK_C),
+                     mask=mvalid[:, None] & cmask[None, :])
