@@ -163,10 +163,13 @@ def test_residual_not_fusable_falls_back_to_torch_semantics():
         torch.testing.assert_close(gz, gz_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_residual_errors():
+def test_residual_errors_and_numbers():
     x = make_input((2, 3, 4))
-    with pytest.raises(TypeError, match="residual must be a Tensor"):
-        TF.batch_norm(x, None, None, training=True, residual=1.0)
+    y = TF.batch_norm(x, None, None, training=True, residual=1.5, activation="relu")
+    assert_close(y, torch.relu(F.batch_norm(x.double(), None, None, training=True) + 1.5),
+                 torch.float32, 4)
+    with pytest.raises(TypeError):  # torch's own error for what cannot be added
+        TF.batch_norm(x, None, None, training=True, residual="z")
     with pytest.raises(RuntimeError):  # shapes that do not broadcast: torch's own error
         TF.batch_norm(x, None, None, training=True, residual=make_input((2, 3, 5)))
     with pytest.raises(TypeError, match="negative_slope"):

@@ -64,8 +64,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``activation``: None, "relu", "leaky_relu" (with ``negative_slope``), "silu" or
     "gelu" (the exact erf form, as ``nn.GELU()``). ``residual``: None or a tensor
     added before the activation; its grad comes from the same backward passes. It
-    is fused when it has the input's shape, dtype and device (any memory format);
-    otherwise the sum is taken unfused, with torch's broadcasting and promotion.
+    is fused when it is a tensor of the input's shape, dtype and device (any memory
+    format); otherwise (a Python number too) the sum is taken unfused, with torch's
+    broadcasting and type promotion.
 
     CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton
     kernels; other CPU tensors run torch's own ops.
@@ -88,10 +89,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
                         "module's num_batches_tracked)")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"batch_norm(): residual must be a Tensor or None, "
-                            f"not {type(residual).__name__}")
-        if not _fusable(input, residual):
+        if not isinstance(residual, torch.Tensor) or not _fusable(input, residual):
             y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps, None, num_batches_tracked)
             return reference.activate(y + residual, activation, negative_slope)

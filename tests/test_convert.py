@@ -1,0 +1,534 @@
+"""tritonbn.convert: BatchNorm replacement, nn.Sequential and torch.fx fusion of the
+activation (and residual add) after a BatchNorm, against the unconverted torch model."""
+import copy
+import io
+import operator
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import tritonbn
+from conftest import DEVICE, make_input
+
+CL = torch.channels_last     # the interpreter runs channels_last ~10x faster: fewer programs
+TOLS = dict(rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# models
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class ResNet(nn.Module):
+    """A tiny ResNet for 8x8 digits: 6 BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4),
+                                  nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 8, stride=2))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.layer1(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet():
+    return ResNet().to(DEVICE).to(memory_format=CL)
+
+
+def bn_calls(model):
+    """Counter of (activation, with residual) over the BatchNorm calls in model's graph."""
+    modules = dict(model.named_modules())
+    out = Counter()
+    for n in model.graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], nn.BatchNorm2d):
+            m = modules[n.target]
+            assert isinstance(m, tritonbn.BatchNorm2d)
+            out[(m.activation, len(n.args) == 2)] += 1
+    return out
+
+
+def fused(model):
+    """Counter of the activations of model's tritonbn BatchNorms (None: unfused)."""
+    return Counter(m.activation for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def check_same(ref, conv, *inputs, grads=True):
+    """ref(*inputs) == conv(*inputs), the input grads and the running stats too."""
+    a = [t.detach().clone().requires_grad_(grads) for t in inputs]
+    b = [t.detach().clone().requires_grad_(grads) for t in inputs]
+    ya, yb = ref(*a), conv(*b)
+    torch.testing.assert_close(yb, ya, **TOLS)
+    if grads:
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        for ta, tb in zip(a, b):
+            if ta.grad is None:
+                assert tb.grad is None
+            else:
+                torch.testing.assert_close(tb.grad, ta.grad, **TOLS)
+    for (ka, va), (kb, vb) in zip(ref.state_dict().items(), conv.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(vb, va, **TOLS)
+
+
+# --------------------------------------------------------------------------------------
+# ResNet
+
+
+def test_resnet_fusions_and_original_untouched():
+    model = resnet()
+    ref = copy.deepcopy(model)
+    out = tritonbn.convert(model)
+    assert isinstance(out, fx.GraphModule)
+    # stem: nn.Sequential fusion, in place; each block: bn1+relu and bn2+add+relu by
+    # tracing; the downsample BatchNorm has nothing after it but the add another one took
+    assert bn_calls(out) == {("relu", False): 3, ("relu", True): 2, (None, False): 1}
+    assert isinstance(out.stem[1], tritonbn.BatchNorm2d) and out.stem[1].activation == "relu"
+    assert isinstance(out.stem[2], nn.Identity)
+    assert out.layer1[1].downsample[1].activation is None
+    assert out.layer1[1].bn2.activation == "relu"
+    targets = [n.target for n in out.graph.nodes if n.op != "placeholder"]
+    assert "layer1.1.relu" not in targets and "layer1.0.relu" not in targets
+    assert not any(n.target in (operator.add, operator.iadd) for n in out.graph.nodes)
+    # the argument: converted in place, the traced fusion lives in the GraphModule only
+    assert model.stem[1] is out.stem[1] and isinstance(model.stem[2], nn.Identity)
+    assert fused(model) == {None: 5, "relu": 1}
+    assert isinstance(model.layer1[0].bn2, tritonbn.BatchNorm2d)
+    assert model.layer1[0].bn2 is not out.layer1[0].bn2
+    assert model.layer1[0].bn2.weight is out.layer1[0].bn2.weight
+    x = make_input((4, 1, 8, 8), memory_format=CL)
+    check_same(ref, out, x)
+    check_same(ref, model, x)         # both take one more step of the same running stats
+    # converting again changes nothing
+    code = out.code
+    assert tritonbn.convert(out) is out and out.code == code
+
+
+def test_resnet_trains_like_torch_on_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    X = torch.tensor(digits.images[:64], dtype=torch.float32).unsqueeze(1) / 16.0
+    X = X.to(DEVICE).contiguous(memory_format=CL)
+    y = torch.tensor(digits.target[:64]).to(DEVICE)
+    ref = resnet()
+    model = tritonbn.convert(copy.deepcopy(ref))
+    assert sum(bn_calls(model).values()) == 6
+    init = copy.deepcopy(ref.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for m in (ref, model)]
+    losses = []
+    for _ in range(3):
+        step = []
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(X), y)
+            loss.backward()
+            opt.step()
+            step.append(loss.item())
+        losses.append(step)
+    for want, got in losses:
+        assert got == pytest.approx(want, rel=1e-4)
+    assert losses[-1][0] < losses[0][0]                  # it learns
+    for (k, v0), (k1, va), (k2, vb) in zip(init.items(), ref.state_dict().items(),
+                                           model.state_dict().items()):
+        assert k == k1 == k2
+        torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-4)
+        if k.endswith("num_batches_tracked"):
+            assert vb.item() == 3
+        elif not torch.equal(va, v0):
+            assert not torch.equal(vb, v0)               # trained, both
+    ref.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_keys_and_loading_both_ways():
+    torch.manual_seed(1)
+    orig = resnet()
+    torch.manual_seed(2)
+    conv = tritonbn.convert(resnet())
+    assert isinstance(conv, fx.GraphModule)
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    with torch.no_grad():
+        for name, b in orig.named_buffers():
+            if "running" in name:
+                b.uniform_(0.5, 1.5)
+    conv.load_state_dict(orig.state_dict())
+    for (k, va), vb in zip(orig.state_dict().items(), conv.state_dict().values()):
+        assert torch.equal(va, vb), k
+    orig.eval()
+    conv.eval()
+    x = make_input((2, 1, 8, 8), memory_format=CL)
+    check_same(orig, conv, x)
+    back = ResNet().to(DEVICE).to(memory_format=CL).eval()
+    back.load_state_dict(conv.state_dict())
+    check_same(orig, back, x)
+    # the GraphModule keeps the original's structure: indexable containers, train flags
+    assert len(conv.layer1) == 2 and isinstance(conv.layer1[1].downsample[0], nn.Conv2d)
+    assert not conv.training and not conv.layer1.training and not conv.layer1[0].bn2.training
+    with pytest.raises(RuntimeError, match="call the whole model"):
+        conv.layer1[0](x)
+    # pickles, copies
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert bn_calls(loaded) == bn_calls(conv)
+    assert list(copy.deepcopy(conv).state_dict()) == list(orig.state_dict())
+
+
+def test_parameters_shared_with_an_optimizer_built_before():
+    model = resnet()
+    bn = model.layer1[0].bn2
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    out = tritonbn.convert(model)
+    assert [id(p) for p in out.parameters()] == [id(p) for p in params]
+    assert out.layer1[0].bn2.running_mean is bn.running_mean
+    assert out.layer1[0].bn2.num_batches_tracked is bn.num_batches_tracked
+    before = [p.detach().clone() for p in params]
+    out(make_input((2, 1, 8, 8), memory_format=CL)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(out.parameters(), before))
+    assert bn.num_batches_tracked.item() == 1 and not torch.equal(bn.running_mean,
+                                                                  torch.zeros(4, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------
+# the patterns
+
+
+class OneBN(nn.Module):
+    def __init__(self, fn, act=None, residual=None):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.act = act
+        self.fn, self.residual = fn, residual
+
+    def forward(self, x, other):
+        return self.fn(self, RESIDUALS[self.residual](self.bn, x, other))
+
+
+def _iadd(bn, x, other):
+    y = bn(x)
+    y += other
+    return y
+
+
+RESIDUALS = {
+    None: lambda bn, x, other: bn(x),
+    "bn+other": lambda bn, x, other: bn(x) + other,
+    "other+bn": lambda bn, x, other: other + bn(x),
+    "+=": _iadd,
+    "torch.add": lambda bn, x, other: torch.add(bn(x), other),
+    "torch.add(other)": lambda bn, x, other: torch.add(other, bn(x), alpha=1),
+    "add_": lambda bn, x, other: bn(x).add_(other),
+    "other.add": lambda bn, x, other: other.add(bn(x)),
+}
+
+# name: (act module, fn(self, y), activation, negative_slope)
+FORMS = {
+    "nn.ReLU": (nn.ReLU(inplace=True), lambda s, y: s.act(y), "relu", 0.01),
+    "nn.LeakyReLU": (nn.LeakyReLU(0.2), lambda s, y: s.act(y), "leaky_relu", 0.2),
+    "nn.SiLU": (nn.SiLU(), lambda s, y: s.act(y), "silu", 0.01),
+    "nn.GELU": (nn.GELU(), lambda s, y: s.act(y), "gelu", 0.01),
+    "F.relu": (None, lambda s, y: F.relu(y), "relu", 0.01),
+    "F.relu_inplace": (None, lambda s, y: F.relu(y, inplace=True), "relu", 0.01),
+    "torch.relu": (None, lambda s, y: torch.relu(y), "relu", 0.01),
+    "torch.relu_": (None, lambda s, y: torch.relu_(y), "relu", 0.01),
+    "y.relu()": (None, lambda s, y: y.relu(), "relu", 0.01),
+    "y.relu_()": (None, lambda s, y: y.relu_(), "relu", 0.01),
+    "F.leaky_relu": (None, lambda s, y: F.leaky_relu(y, 0.2), "leaky_relu", 0.2),
+    "F.leaky_relu_kw": (None, lambda s, y: F.leaky_relu(y, negative_slope=0.2, inplace=True),
+                        "leaky_relu", 0.2),
+    "F.leaky_relu_default": (None, lambda s, y: F.leaky_relu(y), "leaky_relu", 0.01),
+    "F.silu": (None, lambda s, y: F.silu(y), "silu", 0.01),
+    "F.gelu": (None, lambda s, y: F.gelu(y), "gelu", 0.01),
+    "F.gelu_none": (None, lambda s, y: F.gelu(y, approximate="none"), "gelu", 0.01),
+}
+
+CASES = ([(form, None) for form in FORMS]
+         + [("nn.ReLU", res) for res in RESIDUALS if res is not None]
+         + [(form, "other+bn") for form in ("F.leaky_relu", "nn.SiLU", "F.gelu")]
+         + [("y.relu()", "+=")])
+
+
+@pytest.mark.parametrize("form,residual", CASES)
+def test_pattern_fused_and_equal(form, residual):
+    act, fn, activation, slope = FORMS[form]
+    ref = OneBN(fn, copy.deepcopy(act), residual).to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert isinstance(out, fx.GraphModule)
+    assert [n.op for n in out.graph.nodes] == ["placeholder", "placeholder", "call_module",
+                                               "output"]
+    (call,) = [n for n in out.graph.nodes if n.op == "call_module"]
+    assert len(call.args) == (1 if residual is None else 2)
+    assert out.bn.activation == activation and out.bn.negative_slope == pytest.approx(slope)
+    x = make_input((2, 3, 3, 2), memory_format=CL)
+    other = make_input((2, 3, 3, 2), mean=-1.0)
+    for mode in (True, False):
+        ref.train(mode)
+        out.train(mode)
+        check_same(ref, out, x, other)
+
+
+class BN1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return F.silu(self.bn(x))
+
+
+def test_batchnorm1d_traced():
+    ref = BN1d().to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert isinstance(out.bn, tritonbn.BatchNorm1d) and out.bn.activation == "silu"
+    check_same(ref, out, make_input((4, 3)))
+
+
+# --------------------------------------------------------------------------------------
+# not fused where that would change the result
+
+
+class UsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, other):
+        y = self.bn(x)
+        return F.relu(y) + y * other
+
+
+class SelfAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, other):
+        y = self.bn(x)
+        return F.relu(y + y)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, other):
+        return F.relu(self.bn(self.bn(x) + other))
+
+
+class TanhGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.GELU(approximate="tanh"))
+
+    def forward(self, x, other):
+        return F.gelu(self.bn(x), approximate="tanh") + self.seq(other)
+
+
+class WritesBetween(nn.Module):
+    """Fusing would run bn after h.relu_(), normalizing the rectified h. (No backward:
+    torch's BatchNorm saved h, which relu_ then changed.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, other):
+        h = x * 1.0
+        y = self.bn(h)
+        h.relu_()
+        return F.relu(y + h)
+
+
+class AddIntoOther(nn.Module):
+    """o.add_(bn(x)) writes into o, which is read afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, other):
+        o = other * 1.0
+        z = o.add_(self.bn(x)).relu_()
+        return z + o
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.bn.register_forward_hook(lambda m, inp, out: out * 2.0)
+
+    def forward(self, x, other):
+        return F.silu(self.bn(x))
+
+
+@pytest.mark.parametrize("cls", [UsedTwice, SelfAdd, CalledTwice, TanhGelu, WritesBetween, AddIntoOther,
+                                 Hooked])
+def test_not_fused_when_unsafe(cls):
+    torch.manual_seed(0)
+    ref = cls().to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert type(out) is cls                    # no fusion: the module itself, converted
+    assert fused(out) == {None: sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())}
+    assert all(isinstance(m, tritonbn.BatchNorm2d) for m in out.modules()
+               if isinstance(m, nn.BatchNorm2d))
+    x = make_input((2, 3, 2, 2), memory_format=CL)
+    other = make_input((2, 3, 2, 2), mean=-1.0)
+    check_same(ref, out, x, other, grads=cls is not WritesBetween)
+
+
+# --------------------------------------------------------------------------------------
+# untraceable models
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = BasicBlock(3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(self.block(x))
+        if x.mean() > 0:
+            return F.relu(y)
+        return F.silu(y)
+
+
+class TrainingDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = BasicBlock(3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.block(x)))
+        return y * 0.5 if self.training else y
+
+
+@pytest.mark.parametrize("cls,reason", [(DataDependent, "TraceError"),
+                                        (TrainingDependent, "depends on self.training")])
+def test_untraceable_warns_fuses_children_and_matches(cls, reason):
+    ref = cls().to(DEVICE).to(memory_format=CL)
+    model = copy.deepcopy(ref)
+    with pytest.warns(UserWarning, match="could not trace") as record:
+        out = tritonbn.convert(model)
+    msgs = [str(w.message) for w in record if "tritonbn.convert" in str(w.message)]
+    assert len(msgs) == 1
+    assert "'<root>'" in msgs[0] and reason in msgs[0] and "not fused" in msgs[0]
+    assert out is model and type(out) is cls
+    assert isinstance(out.block, fx.GraphModule)          # the child is traced and fused
+    assert bn_calls(out.block) == {("relu", False): 1, ("relu", True): 1}
+    assert isinstance(out.bn, tritonbn.BatchNorm2d) and out.bn.activation is None
+    x = make_input((2, 3, 3, 3), memory_format=CL)
+    check_same(ref, out, x)
+    ref.eval()
+    out.eval()
+    check_same(ref, out, x)
+
+
+# --------------------------------------------------------------------------------------
+# module replacement (no kernels run)
+
+
+def test_replacement_rules():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    class OwnForward(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    sync = nn.SyncBatchNorm(3)
+    lazy = nn.LazyBatchNorm2d()
+    already = tritonbn.BatchNorm2d(3, activation="silu")
+    model = nn.Sequential(
+        nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=None, affine=False), nn.LeakyReLU(0.3),
+        nn.Unflatten(1, (3, 1, 1, 1)), nn.BatchNorm3d(3, eps=1e-3, track_running_stats=False),
+        nn.GELU(), nn.Flatten(2), nn.BatchNorm1d(3), nn.Flatten(),
+        nn.Unflatten(1, (3, 1, 1)), MyBN(3), nn.GELU(approximate="tanh"), OwnForward(3),
+        nn.ReLU(), sync, lazy, already, nn.ReLU(),
+    ).eval()
+    old = list(model)
+    keys = list(model.state_dict())
+    # OwnForward is traced into (it is no torch.nn module), and torch's BatchNorm.forward
+    # does not trace: the Sequential's children are converted and fused one by one
+    with pytest.warns(UserWarning, match="could not trace '<root>' \\(TraceError"):
+        out = tritonbn.convert(model)
+    assert out is model and list(out.state_dict()) == keys
+    assert type(out[1]) is tritonbn.BatchNorm1d and out[1].activation == "leaky_relu"
+    assert out[1].negative_slope == 0.3 and isinstance(out[2], nn.Identity)
+    assert out[1].momentum is None and not out[1].affine and out[1].weight is None
+    assert out[1].running_var is old[1].running_var and not out[1].training
+    assert type(out[4]) is tritonbn.BatchNorm3d and out[4].activation == "gelu"
+    assert out[4].eps == 1e-3 and out[4].running_mean is None and not out[4].track_running_stats
+    assert type(out[7]) is tritonbn.BatchNorm1d and out[7].activation is None
+    assert type(out[10]) is tritonbn.BatchNorm2d and out[10].activation is None
+    assert out[10].weight is old[10].weight and type(out[11]) is nn.GELU
+    assert out[12] is old[12] and type(out[13]) is nn.ReLU        # own forward: kept
+    assert out[14] is sync and out[15] is lazy and out[16] is already
+    assert type(out[17]) is nn.ReLU                                # already fused: kept
+    assert tritonbn.convert(nn.Sequential()) is not None
+
+
+def test_root_batchnorm_and_no_fusion_flag():
+    bn = nn.BatchNorm2d(5).eval()
+    new = tritonbn.convert(bn)
+    assert type(new) is tritonbn.BatchNorm2d and new.weight is bn.weight and not new.training
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    out = tritonbn.convert(model, fuse_activation=False)
+    assert out[0].activation is None and type(out[1]) is nn.ReLU
+    shared = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared)   # registered twice
+    out = tritonbn.convert(model)
+    assert out[0][0] is out[1] and out[1].activation is None         # one module, unfused
+
+
+def test_no_warning_for_a_traceable_model_without_fusions():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = tritonbn.convert(model)
+    assert out is model and out[1].activation is None

@@ -1,0 +1,633 @@
+"""tritonbn.convert: swap a model's BatchNorms for tritonbn's and fuse the activations after them.
+
+Three steps, each semantics-preserving:
+
+1. every ``torch.nn.BatchNorm1d/2d/3d`` in the module tree is replaced, in place, by
+   tritonbn's module of the same dimensionality, sharing its Parameters and buffers;
+2. inside ``nn.Sequential`` containers, a BatchNorm directly followed by an activation
+   module takes that activation (fused in its kernel), and the activation's slot
+   becomes ``nn.Identity()``;
+3. the model is traced with ``torch.fx``, and ``act(bn(x))``, ``act(bn(x) + other)`` and
+   ``act(other + bn(x))`` are rewritten to one call of a fused BatchNorm
+   (``bn(x, other)`` with the activation set), in a ``torch.fx.GraphModule``.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormAct
+
+__all__ = ["convert"]
+
+# torch class -> the tritonbn class that replaces it (a callable of the module, so that a
+# class whose dimensionality is only known per instance, e.g. nn.SyncBatchNorm, can be
+# added later). Looked up along the module's MRO; classes not listed are left alone
+# (nn.SyncBatchNorm, the Lazy* modules before they materialize, other norms).
+_REPLACEMENTS = {
+    nn.BatchNorm1d: lambda m: BatchNorm1d,
+    nn.BatchNorm2d: lambda m: BatchNorm2d,
+    nn.BatchNorm3d: lambda m: BatchNorm3d,
+}
+
+
+def convert(module: nn.Module, *, fuse_activation: bool = True) -> nn.Module:
+    """Run a model's BatchNorms on tritonbn, fusing the activation (and residual add)
+    that follows each one into its kernels.
+
+    Example::
+
+        model = torchvision.models.resnet50()
+        model = tritonbn.convert(model)     # use the returned module
+        out = model(images)                 # the same function, fused BN + add + ReLU
+
+    What it does:
+
+    * **Replaces** every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` (or a subclass that
+      keeps torch's ``forward``) by :class:`tritonbn.BatchNorm1d`/``2d``/``3d``, **in
+      place** in the module tree, as :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
+      does. The new modules share the very Parameter and buffer objects of the old ones
+      (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``),
+      so an optimizer built before ``convert`` keeps training the converted model, and
+      device and dtype are unchanged. ``training`` is copied. If ``module`` itself is a
+      BatchNorm, the new module is returned. ``nn.SyncBatchNorm`` and the ``Lazy``
+      modules are left as they are.
+    * With ``fuse_activation`` (the default), fuses the activation after a BatchNorm:
+      ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` (the exact form; a tanh
+      GELU stays separate), their functional forms (``F.relu``, ``torch.relu``,
+      ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu``; in-place variants too),
+      and a residual added between them (``act(bn(x) + other)``, ``out += identity``
+      as in torchvision's ResNet blocks):
+
+      - inside an ``nn.Sequential``, ``(..., bn, act, ...)`` becomes
+        ``(..., bn with the activation, nn.Identity(), ...)``, in place;
+      - elsewhere, the model is traced with :mod:`torch.fx` (tritonbn's BatchNorms are
+        leaves) and the pattern is rewritten to one call of a new fused BatchNorm, which
+        shares the Parameters and buffers of the one it replaces. When at least one such
+        fusion happened, a :class:`torch.fx.GraphModule` is returned; the argument
+        itself then keeps unfused (but converted) BatchNorms and stays usable.
+        Otherwise the argument (converted in place) is returned, with its own class.
+
+      A pattern is fused only where that cannot change the result: the BatchNorm's
+      output and the sum each have one user, the BatchNorm module is called once in
+      the graph and has no hooks, and nothing in between works in place. Where the
+      model cannot be traced (data-dependent control flow, a ``forward`` that depends
+      on ``self.training``, hooks on a module that tracing would drop), its children
+      are traced one by one and replaced by their fused GraphModules, and one
+      ``UserWarning`` names the modules left unfused.
+
+    **state_dict:** the keys, and their order, are those of the original model: BatchNorm
+    keys are unchanged (``"layer1.0.bn2.weight"``, ``"...running_var"``,
+    ``"...num_batches_tracked"``), and activations have no state. Checkpoints load both
+    ways between the original and the converted model.
+
+    ``convert`` of a converted model changes nothing more (fused BatchNorms are not
+    fused again).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert() expects an nn.Module, got {type(module).__name__}")
+    module = _replace_batchnorms(module, {})
+    if not fuse_activation:
+        return module
+    _fuse_sequentials(module)
+    failures: list[str] = []
+    module = _fuse_traced(module, "", failures)[0]
+    if failures:
+        warnings.warn(
+            "tritonbn.convert: could not trace " + ", ".join(failures)
+            + ": " + ("its" if len(failures) == 1 else "their")
+            + " BatchNorms were replaced but not fused with the activations after them",
+            UserWarning, stacklevel=2)
+    return module
+
+
+# --------------------------------------------------------------------------------------
+# 1. replacement
+
+
+def _replacement_class(m: nn.Module):
+    if isinstance(m, _BatchNormAct):
+        return None
+    for cls in type(m).__mro__:
+        if cls in _REPLACEMENTS:
+            # a subclass with its own forward computes something else: leave it alone
+            if type(m).forward is not cls.forward:
+                return None
+            return _REPLACEMENTS[cls](m)
+    return None
+
+
+_CALL_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+               "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+
+
+def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
+                   negative_slope=None) -> nn.Module:
+    """A tritonbn module of class cls holding old's very Parameters and buffers."""
+    new = cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
+              device="meta", activation=activation,
+              negative_slope=(getattr(old, "negative_slope", 0.01) if negative_slope is None
+                              else negative_slope))
+    for name in list(new._parameters):
+        new._parameters[name] = old._parameters.get(name)
+    for name in list(new._buffers):
+        new._buffers[name] = old._buffers.get(name)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.training = old.training
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    # the hooks stay (the same dicts, so that their handles still remove them); a fused
+    # module, which returns act(bn(x) + other), is only made for a module without
+    # forward/backward hooks, and gets none of the original's later ones
+    for attr in _STATE_HOOKS + (_CALL_HOOKS if activation is None else ()):
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
+    return new
+
+
+def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
+    if id(module) in memo:                   # a module registered at several places
+        return memo[id(module)]
+    cls = _replacement_class(module)
+    new = module
+    if cls is not None:
+        new = _new_batchnorm(cls, module)
+        # a subclass with more state than torch's module keeps its class
+        if (set(new._parameters) != set(module._parameters)
+                or set(new._buffers) != set(module._buffers)):
+            new = module
+    memo[id(module)] = new
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            converted = _replace_batchnorms(child, memo)
+            if converted is not child:
+                new._modules[name] = converted
+    return new
+
+
+# --------------------------------------------------------------------------------------
+# activations
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, attr, None) for attr in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _module_activation(m):
+    """(activation, negative_slope) of an activation module tritonbn can fuse, else None."""
+    if _has_hooks(m):
+        return None
+    t = type(m)
+    if t is nn.ReLU:
+        return "relu", None
+    if t is nn.LeakyReLU:
+        return "leaky_relu", float(m.negative_slope)
+    if t is nn.SiLU:
+        return "silu", None
+    if t is nn.GELU and m.approximate == "none":
+        return "gelu", None
+    return None
+
+
+def _bind(node, names, defaults):
+    """node's args+kwargs bound to parameter names, or None when they do not fit."""
+    if len(node.args) > len(names):
+        return None
+    bound = dict(zip(names, node.args))
+    for k, v in node.kwargs.items():
+        if k not in names or k in bound:
+            return None
+        bound[k] = v
+    for k, v in defaults.items():
+        bound.setdefault(k, v)
+    return bound if names[0] in bound else None
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# call_function targets: (parameter names, their defaults, activation)
+_FUNCTIONS = {
+    torch.relu: (("input",), {}, "relu"),
+    torch.relu_: (("input",), {}, "relu"),
+    F.relu: (("input", "inplace"), {"inplace": False}, "relu"),
+    F.relu_: (("input",), {}, "relu"),
+    F.leaky_relu: (("input", "negative_slope", "inplace"),
+                   {"negative_slope": 0.01, "inplace": False}, "leaky_relu"),
+    F.silu: (("input", "inplace"), {"inplace": False}, "silu"),
+    F.gelu: (("input", "approximate"), {"approximate": "none"}, "gelu"),
+}
+_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+def _node_activation(node, modules):
+    """(input node, activation, negative_slope) when node applies a fusable activation."""
+    if node.op == "call_module":
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        spec = _module_activation(modules.get(node.target))
+        return (node.args[0], *spec) if spec else None
+    if node.op == "call_method":
+        if node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
+            return node.args[0], _METHODS[node.target], None
+        return None
+    if node.op == "call_function":
+        try:
+            entry = _FUNCTIONS.get(node.target)
+        except TypeError:                    # an unhashable target
+            return None
+        if entry is None:
+            return None
+        names, defaults, act = entry
+        b = _bind(node, names, defaults)
+        if b is None or not isinstance(b.get("inplace", False), bool):
+            return None
+        slope = None
+        if act == "leaky_relu":
+            slope = b["negative_slope"]
+            if not _number(slope):
+                return None
+            slope = float(slope)
+        if act == "gelu" and b["approximate"] != "none":
+            return None
+        return b["input"], act, slope
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# 2. nn.Sequential
+
+
+def _fuse_sequentials(root: nn.Module) -> None:
+    slots = Counter()                        # how many module slots hold each module
+    for m in root.modules():
+        for child in m._modules.values():
+            if child is not None:
+                slots[id(child)] += 1
+    for seq in list(root.modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue                         # a subclass may call its modules otherwise
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            bn, act = seq._modules[first], seq._modules[second]
+            if not (isinstance(bn, _BatchNormAct) and type(bn).forward is _BatchNormAct.forward
+                    and bn.activation is None and slots[id(bn)] == 1 and not _has_hooks(bn)):
+                continue
+            spec = _module_activation(act)
+            if spec is None:
+                continue
+            bn.activation = spec[0]
+            if spec[1] is not None:
+                bn.negative_slope = spec[1]
+            seq._modules[second] = nn.Identity()
+
+
+# --------------------------------------------------------------------------------------
+# 3. torch.fx
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with tritonbn's BatchNorms as leaves (called, not traced into)."""
+
+    def is_leaf_module(self, m, module_qualified_name):
+        return isinstance(m, _BatchNormAct) or super().is_leaf_module(m, module_qualified_name)
+
+
+class _Untraceable(Exception):
+    pass
+
+
+def _unfused_bns(module: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNormAct) and m.activation is None for m in module.modules())
+
+
+def _trace(module: nn.Module) -> tuple[fx.Graph, _Tracer]:
+    tracer = _Tracer()
+    # Tracing drops the hooks of every module it traces through.
+    for name, m in module.named_modules():
+        if (_has_hooks(m) and not tracer.is_leaf_module(m, name)):
+            raise _Untraceable(f"{name or 'the module'} has hooks, which tracing would drop")
+    # A forward that reads self.training would be frozen in the current mode: trace in
+    # both modes, and refuse when the graphs differ.
+    flags = [(m, m.training) for m in module.modules()]
+    codes = []
+    try:
+        for mode in (True, False):
+            for m, _ in flags:
+                m.training = mode
+            codes.append(_Tracer().trace(module).python_code("self").src)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    tracer = _Tracer()
+    graph = tracer.trace(module)             # in the module's own modes
+    if not codes[0] == codes[1] == graph.python_code("self").src:
+        raise _Untraceable("its forward depends on self.training")
+    return graph, tracer
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, _Untraceable):
+        return str(e)
+    text = str(e).strip().splitlines()
+    text = text[0] if text else ""
+    if len(text) > 120:
+        text = text[:117] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _fuse_traced(module: nn.Module, qualname: str, failures: list[str]):
+    """(the module to use in module's place, whether its output comes unfused from a BN)."""
+    if isinstance(module, _BatchNormAct):
+        return module, module.activation is None
+    if not _unfused_bns(module):
+        return module, False
+    try:
+        graph, tracer = _trace(module)
+    except Exception as e:                   # noqa: BLE001 - any tracing failure
+        return _fuse_children(module, qualname, failures, e)
+    fused, tail = _fuse_graph(module, graph, tracer)
+    return fused, tail
+
+
+def _fuse_children(module, qualname, failures, error):
+    tails = False
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        path = f"{qualname}.{name}" if qualname else name
+        new, tail = _fuse_traced(child, path, failures)
+        if new is not child:
+            module._modules[name] = new
+        tails |= tail
+    if type(module).forward is nn.Module.forward:
+        # a ModuleList / ModuleDict: the module calling its elements is the one to name
+        return module, tails
+    if tails:
+        failures.append(f"{qualname or '<root>'!r} ({_short(error)})")
+    return module, False
+
+
+# ops that never write into a tensor, for the nodes a fusion moves a BatchNorm across
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul, operator.setitem}
+
+
+def _writes(node, modules) -> bool:
+    """Whether node may write into a tensor in place (conservative)."""
+    if node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
+        return True
+    if node.op == "call_function" and callable(node.target):
+        try:                                 # F.relu(x, True), F.dropout(x, 0.5, True, True)
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            if bound.arguments.get("inplace") is True:
+                return True
+        except (TypeError, ValueError):
+            pass
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not (
+            node.target.startswith("__") and node.target.endswith("__"))
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return bool(getattr(m, "inplace", False)) and not isinstance(m, _BatchNormAct)
+    return False
+
+
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride",
+                       "element_size", "__len__", "ndimension", "get_device"}
+
+
+def _maybe_tensor(node) -> bool:
+    """False where node is known not to be a tensor (x.shape[0], x.size(1), a float input)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "placeholder":            # annotated int / float / bool: not a tensor
+        return not (isinstance(node.type, type) and issubclass(node.type, (int, float, bool)))
+    if node.op == "call_method":
+        return node.target not in _NON_TENSOR_METHODS
+    if node.op == "call_function":
+        if node.target in (getattr, len):
+            return False
+        if getattr(node.target, "__module__", None) == "_operator":
+            inputs = [a for a in node.args if isinstance(a, fx.Node)]
+            return any(_maybe_tensor(a) for a in inputs)
+    return True
+
+
+def _add_operands(node):
+    """(a, b, in place) when node is a + b with alpha 1, else None."""
+    if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+        kwargs = dict(node.kwargs)
+        if node.target is torch.add:
+            args = list(node.args)
+            if len(args) == 3:
+                kwargs.setdefault("alpha", args.pop())
+            if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+                return None
+            return args[0], args[1], False
+        if len(node.args) != 2 or kwargs:
+            return None
+        return node.args[0], node.args[1], node.target is operator.iadd
+    if node.op == "call_method" and node.target in ("add", "add_"):
+        kwargs = dict(node.kwargs)
+        args = list(node.args)
+        if len(args) == 3:
+            kwargs.setdefault("alpha", args.pop())
+        if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+            return None
+        return args[0], args[1], node.target == "add_"
+    return None
+
+
+_TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def _plan(graph: fx.Graph, modules: dict):
+    """The fusions to make: (bn node, act node, add node or None, other, act, slope)."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates = []
+    for bn in graph.nodes:
+        if bn.op != "call_module":
+            continue
+        m = modules.get(bn.target)
+        if not (type(m) in _TRITONBN and m.activation is None and not _has_hooks(m)):
+            continue
+        if calls[bn.target] != 1 or len(bn.args) != 1 or bn.kwargs or len(bn.users) != 1:
+            continue
+        candidates.append(bn)
+    plans, claimed = [], set()
+    # bn(x) + other before other + bn(x): when both operands are BatchNorms, the first
+    # one takes the sum (as torchvision's `out = bn2(out); out += identity`)
+    for second in (False, True):
+        for bn in candidates:
+            if bn in claimed:
+                continue
+            (user,) = bn.users
+            found = _node_activation(user, modules)
+            if found is not None:
+                if found[0] is bn and not second:
+                    plans.append((bn, user, None, None, found[1], found[2]))
+                    claimed.update((bn, user))
+                continue
+            ops = _add_operands(user)
+            if ops is None or len(user.users) != 1 or user in claimed:
+                continue
+            a, b, inplace = ops
+            if a is bn and b is not bn and not second:
+                other = b
+            elif b is bn and a is not bn and second and not inplace:  # other += bn(x)
+                other = a                                            # writes into other
+            else:
+                continue
+            if not _maybe_tensor(other):
+                continue
+            (act_node,) = user.users
+            found = _node_activation(act_node, modules)
+            if found is None or found[0] is not user:
+                continue
+            # the fused call runs where the add was: nothing in between may write in
+            # place (into x, say) or read the BatchNorm's state
+            between = [n for n in graph.nodes if order[bn] < order[n] < order[user]]
+            if any(_writes(n, modules) for n in between):
+                continue
+            if any(n.op == "get_attr" and str(n.target).startswith(bn.target + ".")
+                   for n in between):
+                continue
+            plans.append((bn, act_node, user, other, found[1], found[2]))
+            claimed.update((bn, user, act_node))
+            if other in candidates:
+                claimed.add(other)           # its output is now read by the fused call
+    return plans
+
+
+class _Container(nn.Module):
+    """A container in a GraphModule made by :func:`convert`: it holds the submodules of an
+    original one under their names (``model.layer1[0].bn2`` still works), but it has no
+    forward of its own: the GraphModule's code calls its leaves, fused."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self._original_name = original._get_name()
+        self.training = original.training
+
+    def _get_name(self):
+        return self._original_name
+
+    def __getitem__(self, idx):
+        if isinstance(idx, str):
+            return self._modules[idx]
+        return list(self._modules.values())[idx]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            f"this {self._original_name} is part of a torch.fx.GraphModule made by "
+            "tritonbn.convert, in which its layers were fused with the code around them: "
+            "call the whole model")
+
+
+def _mirror(dst: nn.Module, src: nn.Module, called: set) -> None:
+    """Give dst src's parameters, buffers and submodules, in src's order: modules that the
+    graph calls (and childless ones) by reference, the others as fresh containers, so
+    that swapping a module in dst never touches src."""
+    for name, p in src._parameters.items():
+        dst._parameters[name] = p
+    for name, b in src._buffers.items():
+        dst._buffers[name] = b
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+    for name, child in src._modules.items():
+        if child is None or id(child) in called or not child._modules:
+            dst._modules[name] = child
+        else:
+            box = _Container(child)
+            _mirror(box, child, called)
+            dst._modules[name] = box
+
+
+def _resolve(root, target):
+    obj = root
+    for item in target.split("."):
+        obj = getattr(obj, item)
+    return obj
+
+
+def _tail_bn(graph: fx.Graph, modules: dict) -> bool:
+    """Whether the graph returns a BatchNorm's output that has no activation."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    tail = output.args[0]
+    return (isinstance(tail, fx.Node) and tail.op == "call_module"
+            and isinstance(modules.get(tail.target), _BatchNormAct)
+            and modules[tail.target].activation is None)
+
+
+def _fuse_graph(module: nn.Module, graph: fx.Graph, tracer: _Tracer):
+    modules = dict(module.named_modules())
+    plans = _plan(graph, modules)
+    if not plans:
+        return module, _tail_bn(graph, modules)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    called = {id(modules[n.target]) for n in graph.nodes if n.op == "call_module"}
+    # GraphModule copied only what the graph names, in graph order, into fresh
+    # containers; lay its hierarchy out as module's instead, so that the state_dict has
+    # module's keys in module's order (unused modules included).
+    gm._modules.clear()
+    gm._parameters.clear()
+    gm._buffers.clear()
+    _mirror(gm, module, called)
+    gm.training = module.training
+    for n in gm.graph.nodes:                 # tensors the tracer found as plain attributes
+        if n.op == "get_attr":
+            try:
+                _resolve(gm, n.target)
+            except AttributeError:
+                *path, field = n.target.split(".")
+                owner = _resolve(gm, ".".join(path)) if path else gm
+                object.__setattr__(owner, field, _resolve(module, n.target))
+    graph = gm.graph
+    replaced = {}                            # erased activation node -> the fused call
+    for bn, act_node, add, other, activation, slope in plans:
+        *path, field = bn.target.split(".")
+        parent = _resolve(gm, ".".join(path)) if path else gm
+        original_parent = _resolve(module, ".".join(path)) if path else module
+        if parent is original_parent:        # would modify the original model: skip
+            continue
+        old = parent._modules[field]
+        parent._modules[field] = _new_batchnorm(type(old), old, activation, slope)
+        # the BatchNorm's node becomes the fused call: bn(x) or bn(x, other), run where
+        # the add was
+        if add is not None:
+            while other in replaced:
+                other = replaced[other]
+            add.prepend(bn)
+            bn.args = (bn.args[0], other)
+        act_node.replace_all_uses_with(bn)
+        replaced[act_node] = bn
+        graph.erase_node(act_node)
+        if add is not None:
+            graph.erase_node(add)
+    graph.lint()
+    gm.recompile()
+    return gm, _tail_bn(graph, dict(gm.named_modules()))
