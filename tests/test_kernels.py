@@ -42,19 +42,21 @@ def test_every_element_written(poisoned, shape, fmt, cfg):
         assert not torch.isnan(t).any()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     n=st.integers(1, 4), c=st.integers(1, 9),
     spatial=st.lists(st.integers(1, 6), min_size=0, max_size=3),
-    channels_last=st.booleans(), act=st.sampled_from([None, "relu"]),
+    channels_last=st.booleans(), act=st.sampled_from(list(ops.ACTIVATIONS)),
+    residual=st.booleans(),
     affine=st.booleans(), training=st.booleans(),
     block_m=st.sampled_from([None, 1, 2, 4, 16]), block_c=st.sampled_from([1, 2, 4, 16]),
     split=st.integers(1, 6), mean=st.floats(-100, 100), std=st.floats(0.1, 10),
 )
 # found by hypothesis: 2 values per channel, mean 59, std 0.1 (torch float32 errs as much)
-@example(n=2, c=4, spatial=[], channels_last=False, act="relu", affine=False, training=True,
-         block_m=2, block_c=4, split=1, mean=59.12869054270905, std=0.10000000000000002)
-def test_property_random_shapes(n, c, spatial, channels_last, act, affine, training,
+@example(n=2, c=4, spatial=[], channels_last=False, act="relu", residual=False, affine=False,
+         training=True, block_m=2, block_c=4, split=1, mean=59.12869054270905,
+         std=0.10000000000000002)
+def test_property_random_shapes(n, c, spatial, channels_last, act, residual, affine, training,
                                 block_m, block_c, split, mean, std):
     shape = (n, c, *spatial)
     count = n
@@ -71,14 +73,17 @@ def test_property_random_shapes(n, c, spatial, channels_last, act, affine, train
     rm = torch.randn(c, dtype=torch.float64, device=DEVICE) + mean
     rv = torch.rand(c, dtype=torch.float64, device=DEVICE) * std**2 + 0.1
     rm32, rv32 = rm.float(), rv.float()
+    # a residual of a few units, contiguous: another memory format than a channels_last x
+    z = make_input(shape, mean=-1.0, std=1.0, requires_grad=True) if residual else None
+    z64 = z.detach().double().requires_grad_() if residual else None
     cfg = Config(block_m, block_c, split) if block_m else None
     with ops.launch_overrides(reduce=cfg, elementwise=cfg):
         y = TF.batch_norm(x, rm32, rv32, w.float() if affine else None,
-                          b.float() if affine else None, training, 0.2, activation=act)
+                          b.float() if affine else None, training, 0.2, activation=act,
+                          residual=z)
         y.backward(torch.ones_like(y))
     y_ref = torch.nn.functional.batch_norm(x64, rm, rv, w, b, training, 0.2)
-    if act == "relu":
-        y_ref = torch.relu(y_ref)
+    y_ref = reference.activate(y_ref + z64 if residual else y_ref, act)
     y_ref.backward(torch.ones_like(y_ref))
     # torch's own float32 result on the same input: what float32 can do here. With
     # few values per channel the batch variance can sit far below std**2 while the
@@ -86,7 +91,7 @@ def test_property_random_shapes(n, c, spatial, channels_last, act, affine, train
     x32 = x.detach().clone().requires_grad_()
     y32 = torch.nn.functional.batch_norm(x32, rm.float(), rv.float(), w.float() if affine else None,
                                          b.float() if affine else None, training, 0.2)
-    y32 = torch.relu(y32) if act == "relu" else y32
+    y32 = reference.activate(y32 + z.detach() if residual else y32, act)
     y32.backward(torch.ones_like(y32))
     torch_err = lambda a, r: (a.double() - r.double()).abs().max().item()  # noqa: E731
     atol = TOL[torch.float32][0]
@@ -97,6 +102,8 @@ def test_property_random_shapes(n, c, spatial, channels_last, act, affine, train
     # dx has near-cancelling terms in training: scale its tolerance with 1/std, and
     # allow up to 4x torch float32's own error
     assert_close(x.grad, x64.grad, torch.float32, max(8 / std, 4 * torch_err(x32.grad, x64.grad) / atol))
+    if residual:
+        assert_close(z.grad, z64.grad, torch.float32, 8)
 
 
 @pytest.mark.parametrize("make", [
