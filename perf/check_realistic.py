@@ -1,14 +1,17 @@
 """GPU correctness check at realistic shapes (issue 2): tritonbn vs torch, every element written.
 
-For each (shape, layout, dtype): one training step of tritonbn.BatchNorm (relu)
-against torch.nn.BatchNorm + relu run in float32 on the same data, with every
-buffer tritonbn allocates poisoned with NaN first. Writes a JSON record.
+For each (shape, layout, dtype), without and with a residual: one training step of
+tritonbn.BatchNorm (relu; relu(bn(x) + z) with the residual, which also writes and
+reads the 1-bit mask) against torch.nn.BatchNorm + relu run in float32 on the same
+data, with every buffer tritonbn allocates poisoned first (NaN; the mask 0xA5).
+Writes a JSON record.
 Usage: python perf/check_realistic.py --out results.json [--small]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 
@@ -28,7 +31,7 @@ def _err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def check(shape, layout, dtype):
+def check(shape, layout, dtype, residual=False):
     C = shape[1]
     cls, ref_cls = bn_class(len(shape), tritonbn), bn_class(len(shape), nn)
     ours, ref = cls(C, activation="relu").cuda(), ref_cls(C).cuda()
@@ -40,18 +43,24 @@ def check(shape, layout, dtype):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     x = x.to(dtype).requires_grad_()
+    z = (torch.randn_like(x) - 0.5).requires_grad_() if residual else None
     dy = torch.randn_like(x)
     xr = x.detach().float().requires_grad_()
-    y = ours(x)
+    zr = z.detach().float().requires_grad_() if residual else None
+    y = ours(x, z)
     y.backward(dy)
-    yr = torch.relu(ref(xr))
+    yr = torch.relu(ref(xr) + zr) if residual else torch.relu(ref(xr))
     yr.backward(dy.float())
     torch.cuda.synchronize()
     outs = {"y": y, "dx": x.grad, "dweight": ours.weight.grad, "dbias": ours.bias.grad,
             "running_mean": ours.running_mean, "running_var": ours.running_var}
+    errs = {"dz": _err(z.grad, zr.grad)} if residual else {}
+    if residual:
+        outs["dz"] = z.grad
     return {
         "shape": list(shape), "layout": layout, "dtype": str(dtype).replace("torch.", ""),
-        "max_abs_err": {"y": _err(y, yr), "dx": _err(x.grad, xr.grad),
+        "residual": residual,
+        "max_abs_err": {**errs, "y": _err(y, yr), "dx": _err(x.grad, xr.grad),
                         "dweight": _err(ours.weight.grad, ref.weight.grad),
                         "dbias": _err(ours.bias.grad, ref.bias.grad),
                         "running_mean": _err(ours.running_mean, ref.running_mean),
@@ -71,9 +80,10 @@ def main(argv=None):
         return 2
     records = []
     for shape, layout in (SMALL if args.small else SHAPES):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            with poisoned_allocations():  # every buffer tritonbn allocates starts as NaN
-                r = check(shape, layout, dtype)
+        for dtype, residual in itertools.product((torch.float16, torch.bfloat16, torch.float32),
+                                                 (False, True)):
+            with poisoned_allocations():  # every buffer tritonbn allocates starts poisoned
+                r = check(shape, layout, dtype, residual)
             print(json.dumps(r), flush=True)
             records.append(r)
             torch.cuda.empty_cache()

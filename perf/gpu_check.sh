@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One prepared GPU session, about 7.5 minutes on an H100 by its stage limits:
+# One prepared GPU session, about 9 minutes on an H100 by its stage limits:
 #   tests      the test suite compiled on the GPU (no interpreter)             <= 120 s
-#   sanitizer  compute-sanitizer memcheck on a small tritonbn run              <=  45 s
+#   sanitizer  compute-sanitizer memcheck on a small tritonbn run, relu and
+#              relu(bn(x) + z) (the mask's write and read)                     <=  60 s
 #   tune       tritonbn tune, resnet50 batch 256, fp16 channels_last, into
 #              OUTDIR/tuning-cache; exported to OUTDIR/configs/<gpu>.json     <= 120 s
 #   bench      resnet50 batch 256, the issue-3 target (fp16 channels_last
 #              bn_relu; tritonbn tuned, tritonbn heuristic, torch, compile)   <= 110 s
-#   quick      bench quick, every dtype/layout/op, tritonbn vs torch          <=  45 s
+#   residual   bench bn_add_relu, relu(bn(x) + z) with dz, against torch's
+#              unfused torch.relu(bn(x) + z): resnet50 (batch 256, then 32),
+#              channels_last, fp16 and bf16, tritonbn vs torch                <=  65 s
+#   quick      bench quick, every dtype/layout, the default ops (bn, bn_relu,
+#              bn_add_relu), tritonbn vs torch                                <=  40 s
 #   report     the report (Markdown + PNG) from the JSON                       <=  15 s
 # Writes OUTDIR/<date>-<gpu>.json, OUTDIR/report/ and a log per stage. Nothing to install.
 # Usage: perf/gpu_check.sh OUTDIR [STAGE ...]   (default: every stage, in that order;
@@ -14,7 +19,7 @@
 set -uo pipefail
 out=${1:?usage: perf/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=" ${*:-tests sanitizer tune bench quick report} "
+stages=" ${*:-tests sanitizer tune bench residual quick report} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
@@ -38,7 +43,7 @@ fi
 
 if want sanitizer; then
     stage "compute-sanitizer memcheck (small shapes)"
-    timeout 45 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 perf/check_realistic.py --small --out "$out/sanitizer_small.json" > "$out/sanitizer.log" 2>&1
     rc=$?; echo "compute-sanitizer rc=$rc"; tail -3 "$out/sanitizer.log"
     [ "$rc" = 0 ] || status=1
@@ -62,10 +67,18 @@ if want bench; then
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
+if want residual; then
+    stage "bench resnet50 bn_add_relu: channels_last fp16 + bf16, tritonbn / torch relu(bn(x) + z)"
+    timeout 65 bench --shapes resnet50 --dtypes float16,bfloat16 --layouts channels_last \
+        --ops bn_add_relu --impls tritonbn,torch --budget-s 48 2>&1 \
+        | tee "$out/bench_residual.log" | tail -12
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 if want quick; then
-    stage "bench quick: every dtype, layout and op, tritonbn / torch"
-    timeout 45 bench --shapes quick --impls tritonbn,torch --budget-s 30 2>&1 \
-        | tee "$out/bench_quick.log" | tail -22
+    stage "bench quick: every dtype and layout, ops bn, bn_relu, bn_add_relu, tritonbn / torch"
+    timeout 40 bench --shapes quick --impls tritonbn,torch --budget-s 25 2>&1 \
+        | tee "$out/bench_quick.log" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

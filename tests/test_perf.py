@@ -61,9 +61,12 @@ def fake_doc(sets=("resnet50", "quick"), interpreter=False, seed=0, ceiling=3000
 @pytest.mark.parametrize("op,pass_,two,one", [
     ("bn", "fwd", 3, 2), ("bn", "bwd", 5, 3), ("bn", "fwd+bwd", 8, 5),
     ("bn_relu", "fwd", 3, 2), ("bn_relu", "bwd", 5, 3), ("bn_relu", "fwd+bwd", 8, 5),
-    ("bn_add_relu", "fwd", 4, 3), ("bn_add_relu", "bwd", 6, 4), ("bn_add_relu", "fwd+bwd", 10, 7)])
+    ("bn_add_relu", "fwd", 4, 3), ("bn_add_relu", "bwd", 6, 4), ("bn_add_relu", "fwd+bwd", 10, 7),
+    *[(op, p, two, one) for op in ("bn_leaky_relu", "bn_silu", "bn_gelu")
+      for p, two, one in (("fwd", 3, 2), ("bwd", 5, 3), ("fwd+bwd", 8, 5))]])
 def test_byte_model_matches_design_table(op, pass_, two, one):
-    # DESIGN.md: fwd 3·E·s / 2·E·s, bwd 5·E·s / 3·E·s, residual +E·s each way
+    # DESIGN.md: fwd 3·E·s / 2·E·s, bwd 5·E·s / 3·E·s, residual +E·s each way; a fused
+    # activation moves nothing extra
     assert model.elements_moved(op, pass_, "two_pass") == two
     assert model.elements_moved(op, pass_, "single_read") == one
     assert model.model_bytes(op, pass_, 1000, 2, "two_pass") == two * 1000 * 2
@@ -74,10 +77,29 @@ def test_gbps_units():
     assert model.gbps(3e6, 1e-3) == pytest.approx(3000.0)     # 3 MB in one microsecond
 
 
-@pytest.mark.parametrize("args", [("bn", "back"), ("bn_gelu", "fwd"), ("bn", "fwd", "three_pass")])
+@pytest.mark.parametrize("args", [("bn", "back"), ("bn_tanh", "fwd"), ("bn_add_gelu", "fwd"),
+                                  ("bn", "fwd", "three_pass")])
 def test_byte_model_rejects_unknown_names(args):
     with pytest.raises(ValueError):
         model.elements_moved(*args)
+
+
+def test_ops_name_their_activation_and_residual():
+    assert model.OPS == ("bn", "bn_relu", "bn_add_relu", "bn_leaky_relu", "bn_silu", "bn_gelu")
+    assert [model.activation_of(op) for op in model.OPS] == [
+        None, "relu", "relu", "leaky_relu", "silu", "gelu"]
+    assert [op for op in model.OPS if model.has_residual(op)] == ["bn_add_relu"]
+    from tritonbn import ops
+
+    assert {model.activation_of(op) for op in model.OPS} <= set(ops.ACTIVATIONS)  # the library's names
+    with pytest.raises(ValueError, match="unknown op"):
+        model.activation_of("bn_tanh")
+    # every place that names the ops uses model.OPS
+    from tritonbn.perf import bench, report
+
+    assert schema.CHOICES["op"] == model.OPS == bench.OPS
+    assert set(bench.DEFAULT_OPS) <= set(model.OPS) and "bn_add_relu" in bench.DEFAULT_OPS
+    assert set(report.OP_TEXT) == set(model.OPS)
 
 
 # ----------------------------------------------------------------------------- shape sets
@@ -122,6 +144,14 @@ def test_tiny_shapes_keep_rank_shrink_and_stay_distinct(name):
 def test_schema_accepts_a_results_document():
     doc = fake_doc()
     assert schema.validate(doc) is doc
+
+
+def test_schema_accepts_every_op_and_rejects_others():
+    doc = fake_doc(sets=("quick",), ops=model.OPS)
+    assert {r["op"] for r in schema.validate(doc)["records"]} == set(model.OPS)
+    doc["records"][0]["op"] = "bn_tanh"
+    with pytest.raises(ValueError, match="op='bn_tanh' not one of"):
+        schema.validate(doc)
 
 
 @pytest.mark.parametrize("field", sorted(schema.RECORD))
@@ -271,6 +301,34 @@ def test_report_marks_interpreter_results_and_failed_checks(tmp_path):
     assert "## Failed checks and errors" in text and "non-finite" in text
 
 
+@pytest.mark.parametrize("ops", [("bn_add_relu", "bn_gelu"), model.OPS])
+def test_report_renders_the_new_ops_and_a_file_with_only_some(tmp_path, ops):
+    """A results file may hold any subset of the ops (the first without bn_relu): each op
+    gets its summary rows, sections, plots and a line saying what it is."""
+    from tritonbn.perf import report
+
+    doc = fake_doc(sets=("quick",), ops=ops, dtypes=("float16",), seed=2)
+    plots = len(ops) < len(model.OPS)  # the PNGs once, for the subset (36 PNGs take seconds)
+    text = (open(report.render(doc, str(tmp_path))).read() if plots
+            else report.markdown(schema.validate(doc), {}))
+    for op in ops:
+        assert f"- `{op}`: {report.OP_TEXT[op]}" in text
+        for pass_ in model.PASSES:
+            assert f"### quick · {op} · {pass_}" in text
+            for kind in ("speedup", "pct"):
+                name = f"{kind}_{report._slug('quick', op, pass_)}.png"
+                assert (tmp_path / name).exists() == plots and (f"]({name})" in text) == plots
+    for op in set(model.OPS) - set(ops):
+        assert f"`{op}`" not in text and f"· {op} ·" not in text
+    # summary rows and sections in model.OPS order (bn_relu, the targets' op, first)
+    order = sorted(ops, key=lambda o: (o != "bn_relu", model.OPS.index(o)))
+    assert list(dict.fromkeys(r["op"] for r in summary_rows(doc["records"]))) == order
+    sections = [line.split(" · ")[1] for line in text.splitlines() if line.startswith("### ")]
+    assert list(dict.fromkeys(sections)) == order
+    for r in summary_rows(doc["records"]):
+        assert f"| {r['set']} | {r['op']} | {r['pass']} | {r['dtype']} | {r['layout']} |" in text
+
+
 def test_report_cli_picks_newest_gpu_results(tmp_path, capsys):
     from tritonbn.cli import main
 
@@ -317,6 +375,25 @@ def test_bench_rejects_unknown_choices(capsys):
         main(["bench", "--dtypes", "float16,float8"])
     assert e.value.code == 2
     assert "float8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--ops", "bn_relu,bn_tanh"])
+    assert e.value.code == 2
+    assert "bn_tanh" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,ops", [
+    ([], ("bn", "bn_relu", "bn_add_relu")),
+    (["--ops", "all"], model.OPS),
+    (["--ops", "bn_gelu,bn_add_relu"], ("bn_gelu", "bn_add_relu"))])
+def test_bench_ops_option(monkeypatch, argv, ops):
+    from tritonbn import cli
+    from tritonbn.perf import bench
+
+    seen = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench, "run", lambda opts, out, append=False: seen.append(opts) or 0)
+    assert cli.main(["bench", "--device", "cpu", *argv]) == 0
+    assert seen[0].ops == ops and bench.Options().ops == bench.DEFAULT_OPS
 
 
 def test_backend_names_from_kernel_names():
@@ -341,21 +418,161 @@ def _bench_case(build=None, monkeypatch=None, dtype="float32", op="bn_relu"):
                           interpreted=DEVICE == "cpu")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bench_case_checks_and_times_each_pass(dtype):
-    records, errors = _bench_case(dtype=dtype)
+@pytest.mark.parametrize("dtype,op", [("float32", "bn_relu"), ("bfloat16", "bn_relu"),
+                                      ("float32", "bn_add_relu"), ("bfloat16", "bn_add_relu"),
+                                      ("float32", "bn_gelu")])
+def test_bench_case_checks_and_times_each_pass(dtype, op):
+    from tritonbn.perf import bench
+
+    records, errors = _bench_case(dtype=dtype, op=op)
     assert errors == []
     assert len(records) == 2 * 3
+    tol = bench.REL_TOL[bench.DTYPES[dtype]]
     for r in records:
         assert r["ok"], r
-        assert r["ms"] > 0 and r["max_abs_err"] >= 0
+        assert r["op"] == op and r["ms"] > 0
+        assert math.isfinite(r["max_abs_err"]) and 0 <= r["rel_err"] <= tol
         assert r["gbps"] == pytest.approx(model.gbps(
-            model.model_bytes("bn_relu", r["pass"], 3 * 6 * 5 * 4, 4 if dtype == "float32" else 2),
+            model.model_bytes(op, r["pass"], 3 * 6 * 5 * 4, 4 if dtype == "float32" else 2),
             r["ms"]))
     assert {r["backend"] for r in records if r["impl"] == "tritonbn"} <= {"triton", "triton-interpreter"}
     doc = fake_doc(sets=())
     doc["records"] = records
     schema.validate(doc)
+
+
+def test_bench_checks_every_op_against_its_own_reference():
+    """Every op through tritonbn's kernels and torch's unfused modules, fwd+bwd."""
+    from tritonbn.perf import bench
+
+    opts = bench.Options(device=DEVICE, impls=("tritonbn", "torch"), cpu_reps=1, warmup_ms=1,
+                         rep_ms=5, passes=("fwd+bwd",))
+    for op in model.OPS:
+        records, errors = bench.run_case(shapes.Case("quick", (2, 5, 3, 4)), "NCHW", "float32", op,
+                                         opts, torch.device(DEVICE), 100.0,
+                                         interpreted=DEVICE == "cpu")
+        assert errors == [] and len(records) == 2
+        for r in records:
+            assert r["ok"] and r["rel_err"] <= bench.REL_TOL[torch.float32], (op, r)
+
+
+def test_bench_builds_what_each_op_means():
+    """tritonbn: one fused module (activation, residual); torch: act(bn(x) [+ z]) unfused."""
+    from torch import nn
+
+    import tritonbn
+    from tritonbn.perf import bench
+
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    x, z = torch.randn(3, 4, 5, 2) + 1, torch.randn(3, 4, 5, 2) + 0.5
+    for op in model.OPS:
+        act = model.activation_of(op)
+        mod, bn = bench.build("torch", op, 4, w, b)
+        assert type(bn) is nn.BatchNorm2d
+        pre = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, bench.EPS)
+        if model.has_residual(op):
+            assert isinstance(mod, bench.AddAct)
+            got, pre = mod(x, z), pre + z
+        else:
+            got = mod(x)
+        want = {None: lambda t: t, "relu": torch.relu,
+                "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.01),
+                "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act]
+        torch.testing.assert_close(got, want(pre))
+        torch.testing.assert_close(bench.reference_act(act, pre.double()), want(pre.double()))
+        mod, bn = bench.build("tritonbn", op, 4, w, b)
+        assert mod is bn and isinstance(bn, tritonbn.BatchNorm2d) and bn.activation == act
+        assert bn.negative_slope == model.LEAKY_SLOPE
+        torch.testing.assert_close(bn.weight.detach(), w)
+
+
+def test_bench_residual_is_drawn_with_the_data():
+    from tritonbn.perf import bench
+
+    x, dy, w, b = bench.make_data((4, 6, 5, 5), "channels_last", torch.float16, "cpu", 3)
+    x2, dy2, w2, b2, z = bench.make_data((4, 6, 5, 5), "channels_last", torch.float16, "cpu", 3,
+                                         residual=True)
+    for t, u in ((x, x2), (dy, dy2), (w, w2), (b, b2)):  # the rest of the data unchanged
+        assert torch.equal(t, u)
+    assert z.dtype == torch.float16 and z.shape == x.shape and z.requires_grad
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    assert 0.3 < z.float().mean().item() < 0.7 and not torch.equal(z, x)
+
+
+def test_reference_relu_takes_the_side_the_implementation_took():
+    """A float16 y underflows to 0 where 0 < pre < 3e-8; an implementation deciding on its
+    float32 pre passes the gradient there. The reference must follow it (through dz, or dx
+    without a residual), for dx, dz and the sums, and still catch a real error."""
+    from torch.nn.functional import batch_norm
+
+    from tritonbn.perf import bench
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g) * 2 + 1
+    w = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+    b = 0.25 * torch.randn(3, dtype=torch.float64, generator=g)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    bn = batch_norm(x, None, None, w, b, True, 0.0, bench.EPS)
+    idx = [3, 40, 77, 150]
+    for op in ("bn_add_relu", "bn_relu", "bn_leaky_relu"):
+        slope = 0.01 if op == "bn_leaky_relu" else 0.0
+        residual = model.has_residual(op)
+        z = torch.randn(x.shape, dtype=torch.float64, generator=g) + 0.5 if residual else None
+        base = bn + z if residual else bn
+        if residual:  # pre = 1e-8 at idx: float16 y rounds to 0
+            z.view(-1)[idx] += 1e-8 - base.view(-1)[idx]
+        else:
+            b_shift = 1e-8 - bn.view(-1)[idx[0]]  # one element per channel: shift the bias
+            b = b + torch.where(torch.arange(3) == idx[0] // 25 % 3, b_shift, 0.0)
+            bn = batch_norm(x, None, None, w, b, True, 0.0, bench.EPS)
+            idx = [idx[0]]
+        leaves = [t.clone().requires_grad_() for t in ((x, z, w, b) if residual else (x, w, b))]
+        xi, wi, bi = leaves[0], leaves[-2], leaves[-1]
+        pre = batch_norm(xi, None, None, wi, bi, True, 0.0, bench.EPS)
+        if residual:
+            pre = pre + leaves[1]
+        assert (pre.detach().view(-1)[idx] > 0).all()
+        y = torch.nn.functional.leaky_relu(pre, slope) if slope else torch.relu(pre)
+        grads = torch.autograd.grad(y, leaves, dy)
+        y16 = y.detach().half()
+        assert (y16.view(-1)[idx] == 0).all()
+        ref = bench.Reference(x, w, b, dy, z)
+        errs = ref.errors(op, y16, grads)
+        for name in bench.grad_names(op):
+            assert errs[name][1] < 1e-9, (op, name, errs)
+        # the side is chosen only within rounding of 0: a wrong grad elsewhere still shows
+        bad = list(grads)
+        bad[0] = bad[0].clone()
+        bad[0].view(-1)[5] += 0.5
+        assert bench.Reference(x, w, b, dy, z).errors(op, y16, bad)["dx"][0] == pytest.approx(0.5)
+
+
+def test_bench_check_catches_a_wrong_residual_grad(monkeypatch):
+    """dz is part of the bwd check: a residual grad off by 1.5x fails bwd and fwd+bwd, not fwd."""
+    from tritonbn.perf import bench
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return z.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.5 * g
+
+    real = bench.build
+
+    def wrong_dz(impl, op, ndim, weight, bias):
+        mod, bn = real(impl, op, ndim, weight, bias)
+        if impl == "tritonbn":
+            return (lambda x, z: mod(x, ScaleGrad.apply(z))), bn
+        return mod, bn
+
+    records, errors = _bench_case(wrong_dz, monkeypatch, op="bn_add_relu")
+    assert errors == []
+    assert all(r["ok"] for r in records if r["impl"] == "torch")
+    assert {r["pass"]: r["ok"] for r in records if r["impl"] == "tritonbn"} == {
+        "fwd": True, "bwd": False, "fwd+bwd": False}
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="simulates a GPU's tuning cache in the interpreter")

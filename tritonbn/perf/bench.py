@@ -1,16 +1,24 @@
 """``tritonbn bench``: time tritonbn, torch eager and torch.compile BatchNorm on one device.
 
 For every (shape, layout, dtype, op) the harness
-1. draws random input with a non-zero mean, a random upstream gradient and
-   random affine parameters (float32, as under autocast);
-2. runs each implementation once and checks its output and its three gradients
-   against a float64 reference (the ReLU mask taken from that implementation's
-   own output, so rounding at y = 0 is not counted as an error);
+1. draws random input with a non-zero mean, a random upstream gradient, random
+   affine parameters (float32, as under autocast) and, for ``bn_add_relu``, a
+   residual z in the input's layout and dtype, also with a non-zero mean;
+2. runs each implementation once and checks its output and its gradients (dx,
+   dweight, dbias, and dz for the residual) against a float64 reference (the
+   relu / leaky_relu mask taken from that implementation's own output, so
+   rounding at y = 0 is not counted as an error);
 3. times each pass (fwd, bwd, fwd+bwd) in training mode: on the GPU the median
    of ``triton.testing.do_bench``, which clears the L2 cache (256 MB) before
    every run; on the CPU a wall-clock median, marked "interpreter, not performance";
 4. writes a JSON record per pass and implementation (``schema.py``), rewriting
    the results file after every case so a time limit leaves what was measured.
+
+The ops (``model.OPS``): ``bn``, ``bn_relu``, ``bn_add_relu`` = relu(bn(x) + z),
+``bn_leaky_relu`` (slope 0.01), ``bn_silu``, ``bn_gelu`` (exact erf). tritonbn runs
+each as one fused module (``activation=...``, ``mod(x, z)``); torch and torch.compile
+run what a model writes: ``act(bn(x) [+ z])`` with torch.nn's modules, unfused in
+eager. The bwd pass is autograd over every input: x, weight, bias and z.
 
 The ceiling is a device-to-device copy measured in the same run, counted as
 bytes read + bytes written (``copy_bandwidth``).
@@ -35,7 +43,10 @@ from . import model, schema, shapes
 from .summary import summary_rows
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-OPS = ("bn", "bn_relu")  # bn_add_relu joins with the residual kernels
+OPS = model.OPS
+# what `tritonbn bench` runs without --ops: plain BN, the fused ReLU, and ResNet's
+# residual tail relu(bn(x) + z); the other activations move bn_relu's bytes
+DEFAULT_OPS = ("bn", "bn_relu", "bn_add_relu")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 EPS = 1e-5
 
@@ -50,7 +61,7 @@ class Options:
     sets: tuple = ("quick",)
     dtypes: tuple = tuple(DTYPES)
     layouts: tuple = ("NCHW", "channels_last")
-    ops: tuple = OPS
+    ops: tuple = DEFAULT_OPS
     passes: tuple = model.PASSES
     impls: tuple = schema.DEFAULT_IMPLS
     warmup_ms: float = 25.0
@@ -94,17 +105,38 @@ def bn_class(ndim: int, lib):
     return {2: lib.BatchNorm1d, 3: lib.BatchNorm1d, 4: lib.BatchNorm2d, 5: lib.BatchNorm3d}[ndim]
 
 
+TORCH_ACT = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(model.LEAKY_SLOPE),
+             "silu": nn.SiLU, "gelu": nn.GELU}  # nn.GELU(): the exact erf form
+
+
+class AddAct(nn.Module):
+    """act(bn(x) + z), unfused: a residual block's tail as a torch model writes it
+    (bn_add_relu: ``torch.relu(self.bn(x) + z)``)."""
+
+    def __init__(self, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.bn, self.act = bn, act
+
+    def forward(self, x, z):
+        return self.act(self.bn(x) + z)
+
+
 def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tensor):
-    """(module to call, its BatchNorm) for one implementation; parameters copied in."""
+    """(module to call, its BatchNorm) for one implementation; parameters copied in.
+    The module takes (x) or, for a residual op, (x, z)."""
     C = weight.numel()
+    act = model.activation_of(op)
     if impl in ("tritonbn", "tritonbn_heuristic"):
         import tritonbn
 
-        bn = bn_class(ndim, tritonbn)(C, activation="relu" if op == "bn_relu" else None)
+        bn = bn_class(ndim, tritonbn)(C, activation=act)  # negative_slope: 0.01 by default
         mod = bn
     else:
         bn = bn_class(ndim, nn)(C)
-        mod = nn.Sequential(bn, nn.ReLU()) if op == "bn_relu" else bn
+        if model.has_residual(op):
+            mod = AddAct(bn, TORCH_ACT[act]())
+        else:
+            mod = nn.Sequential(bn, TORCH_ACT[act]()) if act else bn
     bn.to(weight.device)
     with torch.no_grad():
         bn.weight.copy_(weight)
@@ -154,29 +186,56 @@ def classify(names: list[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- correctness
 
-class Reference:
-    """float64 BatchNorm (training, batch statistics) on the same input, forward and backward."""
+def reference_act(activation, t: torch.Tensor) -> torch.Tensor:
+    """The activation in t's precision (float64 for the reference)."""
+    if activation is None:
+        return t
+    if activation == "relu":
+        return torch.relu(t)
+    if activation == "leaky_relu":
+        return F.leaky_relu(t, model.LEAKY_SLOPE)
+    if activation == "silu":
+        return t * torch.sigmoid(t)
+    if activation == "gelu":
+        return 0.5 * t * (1.0 + torch.erf(t * 0.5 ** 0.5))
+    raise ValueError(f"unknown activation {activation!r}")
 
-    def __init__(self, x, weight, bias, dy):
+
+# grads, in the order of the inputs autograd runs over: x, [z,] weight, bias
+def grad_names(op: str) -> tuple[str, ...]:
+    return ("dx", "dz", "dweight", "dbias") if model.has_residual(op) else ("dx", "dweight", "dbias")
+
+
+class Reference:
+    """float64 BatchNorm (training, batch statistics) [+ z] on the same input, forward and backward."""
+
+    def __init__(self, x, weight, bias, dy, z=None):
         self.x = x.detach().double().requires_grad_()
         self.w = weight.detach().double().requires_grad_()
         self.b = bias.detach().double().requires_grad_()
+        self.z = None if z is None else z.detach().double().requires_grad_()
         self.pre = F.batch_norm(self.x, None, None, self.w, self.b, True, 0.0, EPS)
+        if self.z is not None:
+            self.pre = self.pre + self.z
         self.dy = dy.double()
+        self.leaves = {"dx": self.x, "dz": self.z, "dweight": self.w, "dbias": self.b}
 
     def errors(self, op: str, y: torch.Tensor, grads) -> dict:
-        """{output: (max abs error, max abs error / max |reference|)}; None where not finite."""
-        relu = op == "bn_relu"
-        ref_y = torch.relu(self.pre) if relu else self.pre
-        # the ReLU mask of the implementation's own output: a pre-activation within
-        # rounding of 0 may land on either side, and that is not an error
-        g = self.dy * (y.detach() > 0) if relu else self.dy
-        ref = dict(zip(("dx", "dweight", "dbias"),
-                       torch.autograd.grad(self.pre, [self.x, self.w, self.b], g, retain_graph=True)))
-        ref["y"] = ref_y.detach()
-        got = dict(zip(("dx", "dweight", "dbias"), grads), y=y)
+        """{output: (max abs error, max abs error / max |reference|)}; None where not finite.
+        grads: the implementation's, in grad_names(op) order."""
+        act = model.activation_of(op)
+        names = grad_names(op)
+        if model.has_residual(op) and self.z is None:
+            raise ValueError(f"op {op} needs the reference built with its residual z")
+        got = dict(zip(names, grads), y=y)
+        out_t = reference_act(act, self.pre)
+        if act in ("relu", "leaky_relu"):
+            ref = self._masked_grads(act, names, got)
+        else:
+            ref = self._grads(names, out_t, self.dy)
+        ref["y"] = out_t.detach()
         out = {}
-        for name in ("y", "dx", "dweight", "dbias"):
+        for name in ("y",) + names:
             a, r = got[name].detach().double(), ref[name]
             if not torch.isfinite(a).all():
                 out[name] = (None, None)
@@ -185,11 +244,38 @@ class Reference:
             out[name] = (err, err / max(r.abs().max().item(), 1e-30))
         return out
 
+    def _grads(self, names, out, g) -> dict:
+        return dict(zip(names, torch.autograd.grad(out, [self.leaves[n] for n in names], g,
+                                                   retain_graph=True)))
+
+    def _masked_grads(self, act, names, got) -> dict:
+        """Reference grads of relu / leaky_relu with act' = 1 where the implementation's own
+        y > 0, else the slope: a pre-activation within rounding of 0 may land on either
+        side, and that is not an error. Where y is exactly 0 and pre that close to 0 (a
+        float16 y underflows to 0 for 0 < pre < 3e-8, and an implementation deciding on
+        its float32 pre passes the gradient there), the reference takes the side the
+        implementation's dz (residual) or dx shows it took."""
+        y = got["y"].detach()
+        slope = 0.0 if act == "relu" else model.LEAKY_SLOPE
+        d = torch.where(y > 0, 1.0, slope).double()
+        pre = self.pre.detach()
+        band = 2.0 ** -16 * max(pre.abs().max().item(), 1.0)
+        either = (y == 0) & (pre.abs() <= band)
+        if either.any():  # ~1e-4 of the elements at most: two more float64 backward passes
+            show = "dz" if "dz" in names else "dx"
+            a = got[show].detach().double()
+            r0 = self._grads((show,), self.pre, self.dy * d)[show]
+            d1 = torch.where(either, 1.0, d)
+            r1 = self._grads((show,), self.pre, self.dy * d1)[show]
+            d = torch.where(either & ((a - r1).abs() < (a - r0).abs()), 1.0, d)
+        return self._grads(names, self.pre, self.dy * d)
+
 
 def pass_error(errors: dict, pass_: str) -> tuple:
-    """(max abs error, max relative error) over the outputs a pass produces; None if any not finite."""
-    names = {"fwd": ("y",), "bwd": ("dx", "dweight", "dbias"),
-             "fwd+bwd": ("y", "dx", "dweight", "dbias")}[pass_]
+    """(max abs error, max relative error) over the outputs a pass produces (dz too where
+    the op has a residual); None if any not finite."""
+    bwd = ("dx", "dz", "dweight", "dbias") if "dz" in errors else ("dx", "dweight", "dbias")
+    names = {"fwd": ("y",), "bwd": bwd, "fwd+bwd": ("y",) + bwd}[pass_]
     vals = [errors[n] for n in names]
     if any(a is None for a, _ in vals):
         return None, None
@@ -198,9 +284,10 @@ def pass_error(errors: dict, pass_: str) -> tuple:
 
 # ----------------------------------------------------------------------------- one case
 
-def make_data(shape, layout, dtype, device, seed):
-    """x (non-zero mean), dy, weight, bias; drawn on the device: a 205M-element
-    tensor drawn on the host would cost seconds of every GPU case."""
+def make_data(shape, layout, dtype, device, seed, residual: bool = False):
+    """x (non-zero mean), dy, weight, bias, and with residual=True also z (the
+    residual: x's layout and dtype, non-zero mean, requires grad); drawn on the
+    device: a 205M-element tensor drawn on the host would cost seconds of every GPU case."""
     g = torch.Generator(device=device).manual_seed(seed)
     C = shape[1]
     fmt = torch.contiguous_format
@@ -209,22 +296,29 @@ def make_data(shape, layout, dtype, device, seed):
     randn = lambda *size: torch.randn(*size, generator=g, device=device)  # noqa: E731
     x = (randn(shape) * 2.0 + 1.5).to(dtype).to(memory_format=fmt).requires_grad_()
     dy = randn(shape).to(dtype).to(memory_format=fmt)
-    return x, dy, 1.0 + 0.25 * randn(C), 0.25 * randn(C)
+    weight, bias = 1.0 + 0.25 * randn(C), 0.25 * randn(C)
+    if not residual:
+        return x, dy, weight, bias
+    z = (randn(shape) + 0.5).to(dtype).to(memory_format=fmt).requires_grad_()
+    return x, dy, weight, bias, z
 
 
 def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Options,
              device: torch.device, ceiling: float, interpreted: bool, on_impl=None):
     """Records (and errors) for every implementation and pass of one case."""
     dtype = DTYPES[dtype_name]
-    x, dy, weight, bias = make_data(case.shape, layout, dtype, device, opts.seed)
-    ref = Reference(x, weight, bias, dy)
+    if model.has_residual(op):
+        x, dy, weight, bias, z = make_data(case.shape, layout, dtype, device, opts.seed, residual=True)
+    else:
+        (x, dy, weight, bias), z = make_data(case.shape, layout, dtype, device, opts.seed), None
+    ref = Reference(x, weight, bias, dy, z)
     records, errors = [], []
     for impl in opts.impls:
         if on_impl:
             on_impl(impl)
         try:
             records += _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling,
-                                 interpreted, x, dy, weight, bias, ref)
+                                 interpreted, x, dy, weight, bias, z, ref)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
             errors.append({"set": case.set, "shape": list(case.shape), "layout": layout,
                            "dtype": dtype_name, "op": op, "impl": impl,
@@ -235,28 +329,30 @@ def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Opt
 
 
 def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
-              x, dy, weight, bias, ref):
+              x, dy, weight, bias, z, ref):
     if impl == "tritonbn_heuristic":
         from ..tuning import heuristics_only
 
         with heuristics_only():
             return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling,
-                            interpreted, x, dy, weight, bias, ref)
+                            interpreted, x, dy, weight, bias, z, ref)
     return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
-                    x, dy, weight, bias, ref)
+                    x, dy, weight, bias, z, ref)
 
 
 def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
-             x, dy, weight, bias, ref):
+             x, dy, weight, bias, z, ref):
     mod, bn = build(impl, op, x.dim(), weight, bias)
-    inputs = [x, bn.weight, bn.bias]
-    y = mod(x)  # also compiles, for torch_compile
+    # autograd over every input, the residual's too: its dz is part of the bwd pass
+    inputs = [x, bn.weight, bn.bias] if z is None else [x, z, bn.weight, bn.bias]
+    call = (lambda: mod(x)) if z is None else (lambda: mod(x, z))
+    y = call()  # also compiles, for torch_compile
     grads = torch.autograd.grad(y, inputs, dy, retain_graph=True)
     errors = ref.errors(op, y, grads)
     del grads
-    fns = {"fwd": lambda: mod(x),
+    fns = {"fwd": call,
            "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
-           "fwd+bwd": lambda: torch.autograd.grad(mod(x), inputs, dy)}
+           "fwd+bwd": lambda: torch.autograd.grad(call(), inputs, dy)}
     extra = {}
     if impl in ("tritonbn", "tritonbn_heuristic"):
         backend = "triton-interpreter" if interpreted else "triton"
@@ -441,11 +537,11 @@ def _finish(doc: dict, out: str, seconds: float) -> int:
           + (f"  [{doc['mode']}]" if doc["interpreter"] else ""))
     rows = [r for r in summary_rows(records) if r["pass"] == "fwd+bwd"]
     if rows:
-        print(f"{'set':14} {'op':8} {'dtype':9} {'layout':14} {'×torch':>7} {'×compile':>8} "
+        print(f"{'set':14} {'op':13} {'dtype':9} {'layout':14} {'×torch':>7} {'×compile':>8} "
               f"{'%copy':>6}")
         fmt = lambda v, f: "-".rjust(int(f.split(".")[0])) if v is None else format(v, f)  # noqa: E731
         for r in rows:
-            print(f"{r['set']:14} {r['op']:8} {r['dtype']:9} {r['layout']:14} "
+            print(f"{r['set']:14} {r['op']:13} {r['dtype']:9} {r['layout']:14} "
                   f"{fmt(r['vs_torch'], '7.2f')} {fmt(r['vs_torch_compile'], '8.2f')} "
                   f"{fmt(r['pct_tritonbn'], '6.1f')}")
     for r in failed:

@@ -10,15 +10,27 @@ on chip between the two phases (a persistent kernel, cuDNN's PERSISTENT mode).
 | bwd     | 5·E·s    | 3·E·s       |
 | fwd+bwd | 8·E·s    | 5·E·s       |
 
-A residual add (``bn_add_relu``) reads z forward and writes dz backward: +E·s each.
-An activation fused into the same kernels moves no extra bytes. Per-channel
+A residual add (``bn_add_relu``: relu(bn(x) + z)) reads z forward and writes dz
+backward: +E·s each. An activation fused into the same kernels (``bn_relu``,
+``bn_leaky_relu``, ``bn_silu``, ``bn_gelu``) moves no extra bytes. Per-channel
 vectors (C·4 bytes) are left out: they are under 0.1 % for every suite shape.
+
+The model is the floor, not what every kernel does: after a residual add,
+tritonbn's relu writes a 1-bit-per-element mask forward and reads it backward
+(E/8 bytes each way, not counted: +1/16 of E·s at 2 bytes per element); a
+residual with silu or gelu (no suite op) re-reads z in both backward passes
+(+2·E·s). Without a residual nothing is extra.
 """
 from __future__ import annotations
 
 MODELS = ("two_pass", "single_read")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("bn", "bn_relu", "bn_add_relu")
+OPS = ("bn", "bn_relu", "bn_add_relu", "bn_leaky_relu", "bn_silu", "bn_gelu")
+# each op's activation (tritonbn's name for it) and whether it adds a residual z
+ACTIVATION = {"bn": None, "bn_relu": "relu", "bn_add_relu": "relu", "bn_leaky_relu": "leaky_relu",
+              "bn_silu": "silu", "bn_gelu": "gelu"}
+RESIDUAL_OPS = ("bn_add_relu",)
+LEAKY_SLOPE = 0.01  # bn_leaky_relu's negative slope: nn.LeakyReLU's and tritonbn's default
 
 _FACTOR = {"two_pass": {"fwd": 3, "bwd": 5}, "single_read": {"fwd": 2, "bwd": 3}}
 
@@ -29,13 +41,29 @@ def passes_of(pass_: str) -> tuple[str, ...]:
     return ("fwd", "bwd") if pass_ == "fwd+bwd" else (pass_,)
 
 
-def elements_moved(op: str, pass_: str, model: str = "two_pass") -> int:
-    """How many times E elements cross device memory for one ``pass_`` of ``op``."""
+def _check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+
+
+def activation_of(op: str) -> str | None:
+    """The activation op applies after BatchNorm (and the residual add), or None."""
+    _check_op(op)
+    return ACTIVATION[op]
+
+
+def has_residual(op: str) -> bool:
+    """Whether op adds a residual z before its activation (and so has a dz)."""
+    _check_op(op)
+    return op in RESIDUAL_OPS
+
+
+def elements_moved(op: str, pass_: str, model: str = "two_pass") -> int:
+    """How many times E elements cross device memory for one ``pass_`` of ``op``."""
+    _check_op(op)
     if model not in MODELS:
         raise ValueError(f"unknown byte model {model!r}; choose from {MODELS}")
-    residual = 1 if op == "bn_add_relu" else 0
+    residual = 1 if op in RESIDUAL_OPS else 0
     return sum(_FACTOR[model][p] + residual for p in passes_of(pass_))
 
 

@@ -16,7 +16,18 @@ import sys
 from collections import defaultdict
 
 from . import schema
+from .model import OPS
 from .summary import BASELINES, _group_order, by_key, speedup, summary_rows, targets
+
+# what each op computes; tritonbn runs it in one fused module, torch and
+# torch.compile as the unfused torch.nn modules a model would use
+OP_TEXT = {"bn": "BatchNorm alone",
+           "bn_relu": "relu(bn(x)); torch: `nn.Sequential(bn, nn.ReLU())`",
+           "bn_add_relu": "relu(bn(x) + z), z a residual of x's shape, layout and dtype; bwd "
+                          "includes dz (model: +E·s each way); torch: `torch.relu(bn(x) + z)`",
+           "bn_leaky_relu": "leaky_relu(bn(x), 0.01); torch: `nn.LeakyReLU(0.01)` after bn",
+           "bn_silu": "silu(bn(x)); torch: `nn.SiLU()` after bn",
+           "bn_gelu": "gelu(bn(x)), exact erf form; torch: `nn.GELU()` after bn"}
 
 IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile",
               "tritonbn_heuristic": "tritonbn, heuristic configs"}
@@ -85,12 +96,19 @@ def markdown(doc: dict, plots: dict) -> str:
            ("records", len(records))]
     lines += _table(("", ""), env) + [""]
     lines += ["Byte model (E = elements, s = bytes each): two-pass fwd 3·E·s, bwd 5·E·s, fwd+bwd "
-              "8·E·s; single-read 2, 3, 5. GB/s and % of the copy ceiling use the two-pass model "
+              "8·E·s; single-read 2, 3, 5; a residual add (bn_add_relu) +E·s each way, a fused "
+              "activation nothing. GB/s and % of the copy ceiling use the two-pass model "
               "unless marked 1-read. " + ("Times are wall-clock medians on the CPU. " if doc["interpreter"]
                                          else "Times are medians of `triton.testing.do_bench` with "
                                               "the L2 cache cleared before each run. ") +
               "Speedup = baseline ms / tritonbn ms; only records that passed the float64 check "
               "count.", ""]
+    present = [op for op in OPS if any(r["op"] == op for r in records)]
+    present += sorted({r["op"] for r in records} - set(present))
+    if present:
+        lines += ["Ops (tritonbn runs each as one fused module; torch and torch.compile as the "
+                  "unfused torch.nn modules):", ""]
+        lines += [f"- `{op}`: {OP_TEXT.get(op, op)}" for op in present] + [""]
 
     tg = targets(records)
     if any(t["value"] is not None for t in tg):

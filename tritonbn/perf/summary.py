@@ -10,6 +10,7 @@ import math
 import statistics
 from collections import defaultdict
 
+from .model import OPS
 from .schema import key
 
 BASELINES = ("torch", "torch_compile", "tritonbn_heuristic")
@@ -89,7 +90,9 @@ _PASS_ORDER = {"fwd+bwd": 0, "fwd": 1, "bwd": 2}
 
 def _group_order(g):
     s, op, p, dtype, layout = g
-    return (_SET_ORDER.get(s, 9), s, op != "bn_relu", op, _PASS_ORDER.get(p, 9), dtype, layout)
+    # bn_relu (the targets' op) first, then the others in model.OPS order
+    return (_SET_ORDER.get(s, 9), s, op != "bn_relu", OPS.index(op) if op in OPS else len(OPS), op,
+            _PASS_ORDER.get(p, 9), dtype, layout)
 
 
 def targets(records) -> list[dict]:
