@@ -20,6 +20,20 @@ def _use_interpreter_without_gpu() -> str:
     return "cpu"
 
 
+def _pick_backend_early(argv) -> None:
+    """Set TRITON_INTERPRET for the commands that run kernels on the CPU, before
+    anything imports triton: its language helpers are made once, at import, for
+    the mode the environment names then (building the tune parser imports triton)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "demo":
+        _use_interpreter_without_gpu()
+    elif command == "bench":
+        early = argparse.ArgumentParser(add_help=False)
+        early.add_argument("--device", default="cuda")
+        if early.parse_known_args(argv[argv.index("bench") + 1:])[0].device == "cpu":
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
 def csv_choices(choices):
     """argparse type: a comma-separated list, each item one of choices."""
     def parse(text):
@@ -34,7 +48,7 @@ def csv_choices(choices):
 
 def _add_bench(sub):
     from .perf import model, schema, shapes
-    from .perf.bench import DTYPES, OPS, Options
+    from .perf.bench import DEFAULT_OPS, DTYPES, OPS, Options
 
     p = sub.add_parser("bench", help="time tritonbn against torch (cuDNN/native) and torch.compile",
                        description="Time BatchNorm passes of tritonbn, torch eager and torch.compile "
@@ -49,7 +63,11 @@ def _add_bench(sub):
     p.add_argument("--dtypes", type=csv_choices(tuple(DTYPES)), default=tuple(DTYPES))
     p.add_argument("--layouts", type=csv_choices(("NCHW", "channels_last")), default=("NCHW", "channels_last"),
                    help="for 4-D shapes (2-D and 3-D inputs have one layout)")
-    p.add_argument("--ops", type=csv_choices(OPS), default=OPS)
+    p.add_argument("--ops", type=csv_choices(OPS + ("all",)), default=DEFAULT_OPS,
+                   help=f"default {','.join(DEFAULT_OPS)}; all, or of {', '.join(OPS)}. bn_add_relu is "
+                        "relu(bn(x) + z) with the residual z's grad in the bwd pass; "
+                        "bn_leaky_relu (slope 0.01), bn_silu, bn_gelu (exact erf) fuse their "
+                        "activation (torch: unfused modules)")
     p.add_argument("--passes", type=csv_choices(model.PASSES), default=model.PASSES)
     p.add_argument("--impls", type=csv_choices(schema.IMPLS), default=schema.DEFAULT_IMPLS,
                    help="default tritonbn,torch,torch_compile; tritonbn_heuristic times tritonbn "
@@ -84,10 +102,11 @@ def _bench(args, argv) -> int:
             return 2
     else:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    from .perf.bench import Options, run
+    from .perf.bench import OPS, Options, run
 
+    ops = OPS if "all" in args.ops else args.ops
     opts = Options(device=args.device, sets=args.shapes, dtypes=args.dtypes, layouts=args.layouts,
-                   ops=args.ops, passes=args.passes, impls=args.impls, warmup_ms=args.warmup_ms,
+                   ops=ops, passes=args.passes, impls=args.impls, warmup_ms=args.warmup_ms,
                    rep_ms=args.rep_ms, cpu_reps=args.cpu_reps, budget_s=args.budget_s,
                    seed=args.seed, progress=not args.no_progress, argv=list(argv))
     return run(opts, args.out, append=args.append)
@@ -104,6 +123,7 @@ def _add_report(sub):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _pick_backend_early(argv)
     parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a small conv net's BN+ReLU layers through tritonbn "
