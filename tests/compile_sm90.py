@@ -90,13 +90,14 @@ def main():
         rm, rv, nbt = torch.empty(C, dtype=pdt), torch.empty(C, dtype=pdt), torch.ones((), dtype=torch.int64)
         with ops.launch_overrides(int64=int64):
             for batch, momentum in ((True, 0.1), (True, None), (False, 0.1)):
-                y, xk, v, mean, s, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum, 1e-5,
-                                                   act)
+                y, xk, v, mean, s, _, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum,
+                                                      1e-5, act)
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (True, affine, affine, False))
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (False, affine, False, False))
     residual_variants(cases)
+    sync_variants(cases)
     print(f"compiled {len(seen)} kernel variants for sm_90")
     before = len(seen)
     search_space()
@@ -120,11 +121,35 @@ def residual_variants(cases):
             for batch, residual in itertools.product((True, False), (None, z)):
                 if residual is None and act in (None, "relu"):
                     continue  # compiled above
-                y, xk, v, mean, s, mask = ops.forward(x, w, b, rm, rv, None, batch, 0.1, 1e-5,
-                                                      act, residual=residual, slope=0.1)
+                y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, None, batch, 0.1,
+                                                         1e-5, act, residual=residual, slope=0.1)
                 for needs in ((True, True, True, True), (False, False, False, True)):
                     ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                                  needs, slope=0.1, residual=residual, mask=mask)
+
+
+class _OneProcess:
+    """SyncBatchNorm's collectives (tritonbn/distributed.py) for a world of one."""
+
+    @staticmethod
+    def gather(local):
+        return local
+
+    @staticmethod
+    def reduce(sums):
+        pass
+
+
+def sync_variants(cases):
+    """SyncBatchNorm's launches: the local (mean, M2, count), the combine of every
+    process's, and dx with the count over every process."""
+    for (shape, fmt), dtype, act in itertools.product(cases, TYPES_FLOAT, (None, "relu")):
+        x, C, pdt = _input(shape, fmt, dtype)
+        w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
+        y, xk, v, mean, s, mask, count = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5, act,
+                                                     comm=_OneProcess)
+        ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, act,
+                     (True, True, True, False), comm=_OneProcess, count=count)
 
 
 def search_space():

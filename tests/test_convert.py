@@ -508,7 +508,9 @@ def test_replacement_rules():
     assert type(out[10]) is tritonbn.BatchNorm2d and out[10].activation is None
     assert out[10].weight is old[10].weight and type(out[11]) is nn.GELU
     assert out[12] is old[12] and type(out[13]) is nn.ReLU        # own forward: kept
-    assert out[14] is sync and out[15] is lazy and out[16] is already
+    assert type(out[14]) is tritonbn.SyncBatchNorm and out[14].weight is sync.weight
+    assert out[14].process_group is sync.process_group and out[14].activation is None
+    assert out[15] is lazy and out[16] is already
     assert type(out[17]) is nn.ReLU                                # already fused: kept
     assert tritonbn.convert(nn.Sequential()) is not None
 

@@ -1,4 +1,4 @@
-"""torch.autograd.Function over the host ops.
+"""torch.autograd.Function over the host ops (one for BatchNorm and SyncBatchNorm).
 
 Saves x and the per-channel stats, and, after a residual add, what
 ops.residual_mode picks: the 1-bit mask (relu, leaky_relu), the residual itself
@@ -15,22 +15,25 @@ from . import ops
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                batch, momentum, eps, activation, slope):
-        y, xk, v, mean, s, mask = ops.forward(x, weight, bias, running_mean, running_var,
-                                              num_batches_tracked, batch, momentum, eps,
-                                              activation, residual=residual, slope=slope)
+                batch, momentum, eps, activation, slope, comm=None):
+        """comm: None, or SyncBatchNorm's collectives (distributed.py) for statistics
+        over every process's batch."""
+        y, xk, v, mean, s, mask, count = ops.forward(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, batch, momentum,
+            eps, activation, residual=residual, slope=slope, comm=comm)
         mode = ops.residual_mode(activation, residual is not None)
         ctx.save_for_backward(xk, weight, bias, mean, s,
                               mask if mode == ops.RES_MASK else None,
-                              residual if mode == ops.RES_RELOAD else None)
+                              residual if mode == ops.RES_RELOAD else None, count)
         ctx.view, ctx.batch, ctx.eps, ctx.activation, ctx.slope = v, batch, eps, activation, slope
+        ctx.comm = comm
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, mean, s, mask, residual = ctx.saved_tensors
+        x, weight, bias, mean, s, mask, residual, count = ctx.saved_tensors
         dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, ctx.batch, ctx.eps,
                                       ctx.activation, ctx.needs_input_grad[:4], slope=ctx.slope,
-                                      residual=residual, mask=mask)
-        return dx, dw, db, dz, None, None, None, None, None, None, None, None
+                                      residual=residual, mask=mask, comm=ctx.comm, count=count)
+        return dx, dw, db, dz, None, None, None, None, None, None, None, None, None

@@ -14,7 +14,9 @@ def check_activation(activation):
     return activation
 
 
-def _check(input, running_mean, running_var, weight, bias, training):
+def _check(input, running_mean, running_var, weight, bias, training, synced=False):
+    """torch's checks and messages; synced (SyncBatchNorm across processes) allows one
+    value per channel here, since the statistics are over every process's batch."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
     if not input.is_floating_point():
@@ -37,7 +39,7 @@ def _check(input, running_mean, running_var, weight, bias, training):
         size_prods = input.shape[0]
         for n in input.shape[2:]:
             size_prods *= n
-        if size_prods == 1:
+        if size_prods == 1 and not synced:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
     elif running_mean is None or running_var is None:
@@ -82,21 +84,27 @@ def _fusable(input, residual) -> bool:
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                activation, num_batches_tracked=None, *, residual=None, negative_slope=0.01):
-    """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked."""
-    _check(input, running_mean, running_var, weight, bias, training)
+                activation, num_batches_tracked=None, *, residual=None, negative_slope=0.01,
+                comm=None):
+    """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked.
+    comm: SyncBatchNorm's collectives (distributed.py), for batch statistics over
+    every process's batch; None for this process's own."""
+    _check(input, running_mean, running_var, weight, bias, training, comm is not None)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
                         "module's num_batches_tracked)")
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or not _fusable(input, residual):
             y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps, None, num_batches_tracked)
+                            eps, None, num_batches_tracked, comm=comm)
             return reference.activate(y + residual, activation, negative_slope)
     if not ops.uses_triton(input):
+        if comm is not None:  # as torch's SyncBatchNorm: collectives need the device kernels
+            raise ValueError("SyncBatchNorm expected input tensor to be on GPU (tritonbn: a CUDA "
+                             "tensor, or a CPU tensor with TRITON_INTERPRET=1 set)")
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
                                     momentum, eps, activation, num_batches_tracked, residual,
                                     negative_slope)
     return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
                                    num_batches_tracked, bool(training), momentum, eps, activation,
-                                   negative_slope)
+                                   negative_slope, comm)

@@ -2,8 +2,9 @@
 
 Three steps, each semantics-preserving:
 
-1. every ``torch.nn.BatchNorm1d/2d/3d`` in the module tree is replaced, in place, by
-   tritonbn's module of the same dimensionality, sharing its Parameters and buffers;
+1. every ``torch.nn.BatchNorm1d/2d/3d`` (and ``SyncBatchNorm``) in the module tree is
+   replaced, in place, by tritonbn's module of the same kind, sharing its Parameters
+   and buffers;
 2. inside ``nn.Sequential`` containers, a BatchNorm directly followed by an activation
    module takes that activation (fused in its kernel), and the activation's slot
    becomes ``nn.Identity()``;
@@ -22,18 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .distributed import SyncBatchNorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormAct
 
 __all__ = ["convert"]
 
-# torch class -> the tritonbn class that replaces it (a callable of the module, so that a
-# class whose dimensionality is only known per instance, e.g. nn.SyncBatchNorm, can be
-# added later). Looked up along the module's MRO; classes not listed are left alone
-# (nn.SyncBatchNorm, the Lazy* modules before they materialize, other norms).
+# torch class -> the tritonbn class that replaces it (a callable of the module, for a
+# class that might depend on the instance). Looked up along the module's MRO; classes
+# not listed are left alone (the Lazy* modules before they materialize, other norms).
 _REPLACEMENTS = {
     nn.BatchNorm1d: lambda m: BatchNorm1d,
     nn.BatchNorm2d: lambda m: BatchNorm2d,
     nn.BatchNorm3d: lambda m: BatchNorm3d,
+    nn.SyncBatchNorm: lambda m: SyncBatchNorm,
 }
 
 
@@ -49,15 +51,15 @@ def convert(module: nn.Module, *, fuse_activation: bool = True) -> nn.Module:
 
     What it does:
 
-    * **Replaces** every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` (or a subclass that
-      keeps torch's ``forward``) by :class:`tritonbn.BatchNorm1d`/``2d``/``3d``, **in
-      place** in the module tree, as :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
+    * **Replaces** every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` and
+      :class:`torch.nn.SyncBatchNorm` (or a subclass that keeps torch's ``forward``) by
+      :class:`tritonbn.BatchNorm1d`/``2d``/``3d`` / :class:`tritonbn.SyncBatchNorm`
+      (with the same process group), **in place** in the module tree, as :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
       does. The new modules share the very Parameter and buffer objects of the old ones
       (``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``),
       so an optimizer built before ``convert`` keeps training the converted model, and
       device and dtype are unchanged. ``training`` is copied. If ``module`` itself is a
-      BatchNorm, the new module is returned. ``nn.SyncBatchNorm`` and the ``Lazy``
-      modules are left as they are.
+      BatchNorm, the new module is returned. The ``Lazy`` modules are left as they are.
     * With ``fuse_activation`` (the default), fuses the activation after a BatchNorm:
       ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` (the exact form; a tanh
       GELU stays separate), their functional forms (``F.relu``, ``torch.relu``,
@@ -131,8 +133,10 @@ _STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_
 
 
 def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
-                   negative_slope=None) -> nn.Module:
-    """A tritonbn module of class cls holding old's very Parameters and buffers."""
+                   negative_slope=None, keep_hooks=None) -> nn.Module:
+    """A tritonbn module of class cls holding old's very Parameters and buffers (and its
+    process group, for a SyncBatchNorm). Its forward/backward hooks too, unless it gets
+    an activation old did not have (keep_hooks=None) or keep_hooks is False."""
     new = cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
               device="meta", activation=activation,
               negative_slope=(getattr(old, "negative_slope", 0.01) if negative_slope is None
@@ -143,12 +147,16 @@ def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
         new._buffers[name] = old._buffers.get(name)
     new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
     new.training = old.training
+    if hasattr(new, "process_group") and hasattr(old, "process_group"):
+        new.process_group = old.process_group
     if hasattr(old, "qconfig"):
         new.qconfig = old.qconfig
     # the hooks stay (the same dicts, so that their handles still remove them); a fused
     # module, which returns act(bn(x) + other), is only made for a module without
     # forward/backward hooks, and gets none of the original's later ones
-    for attr in _STATE_HOOKS + (_CALL_HOOKS if activation is None else ()):
+    if keep_hooks is None:
+        keep_hooks = activation is None
+    for attr in _STATE_HOOKS + (_CALL_HOOKS if keep_hooks else ()):
         if attr in old.__dict__:
             new.__dict__[attr] = old.__dict__[attr]
     return new
@@ -280,7 +288,7 @@ def _fuse_sequentials(root: nn.Module) -> None:
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
             bn, act = seq._modules[first], seq._modules[second]
-            if not (isinstance(bn, _BatchNormAct) and type(bn).forward is _BatchNormAct.forward
+            if not (type(bn) in _TRITONBN
                     and bn.activation is None and slots[id(bn)] == 1 and not _has_hooks(bn)):
                 continue
             spec = _module_activation(act)
@@ -456,7 +464,7 @@ def _add_operands(node):
     return None
 
 
-_TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 
 def _plan(graph: fx.Graph, modules: dict):

@@ -18,11 +18,16 @@ class _BatchNormAct:
                  track_running_stats=True, device=None, dtype=None, *, activation=None,
                  negative_slope=0.01):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._set_activation(activation, negative_slope)
+
+    def _set_activation(self, activation, negative_slope):
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
 
-    def forward(self, input, residual=None):
-        """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
+    def _bn_args(self, input) -> dict:
+        """torch's _BatchNorm.forward up to its F.batch_norm call: the running stats to
+        use, whether to normalize with batch statistics, and the momentum (None with
+        num_batches_tracked for the cumulative average, read on the device)."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         nbt = None
@@ -35,12 +40,20 @@ class _BatchNormAct:
         else:
             bn_training = (self.running_mean is None) and (self.running_var is None)
         use_running = not self.training or self.track_running_stats
+        return dict(running_mean=self.running_mean if use_running else None,
+                    running_var=self.running_var if use_running else None,
+                    training=bn_training, momentum=momentum, num_batches_tracked=nbt)
+
+    def forward(self, input, residual=None):
+        """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
+        return self._forward(input, residual, self._bn_args(input))
+
+    def _forward(self, input, residual, args, comm=None):
         return _batch_norm(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, momentum, self.eps, self.activation, nbt,
-            residual=residual, negative_slope=self.negative_slope,
+            input, args["running_mean"], args["running_var"], self.weight, self.bias,
+            args["training"], args["momentum"], self.eps, self.activation,
+            args["num_batches_tracked"], residual=residual, negative_slope=self.negative_slope,
+            comm=comm,
         )
 
     def extra_repr(self):

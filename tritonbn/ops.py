@@ -117,25 +117,63 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
 
     momentum=None takes the factor 1/num_batches_tracked on the device.
     """
+    grid, kw = _launch("stats", x, v)
+    partials = torch.empty((3, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
+    K.stats_partial_kernel[grid](x, partials, **kw)
+    mean, invstd, _ = _combine_stats(x, v, partials, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps)
+    return mean, invstd
+
+
+def local_stats(x, v) -> torch.Tensor:
+    """This process's per-channel (mean, M2, count) as one partial, [3, 1, C] in the
+    accumulation dtype (count 0 for an empty x): what SyncBatchNorm exchanges."""
     acc = _acc(x.dtype)[0]
+    if x.numel() == 0:
+        return torch.zeros((3, 1, v.C), dtype=acc, device=x.device)
+    grid, kw = _launch("stats", x, v)
+    partials = torch.empty((3, grid[1], v.C), dtype=acc, device=x.device)
+    K.stats_partial_kernel[grid](x, partials, **kw)
+    stats = torch.empty((3, 1, v.C), dtype=acc, device=x.device)
+    _combine_stats(x, v, partials, None, None, None, 0.0, 0.0, partial_out=stats)
+    return stats
+
+
+def global_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps, comm):
+    """batch_stats over the batches of every process in comm (SyncBatchNorm): this
+    process's local_stats go out through comm.gather, the partials of all come back
+    and are combined here. Returns mean, invstd and the count per channel."""
+    partials = comm.gather(local_stats(x, v))
+    return _combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked,
+                          momentum, eps, count_out=True)
+
+
+def _combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked, momentum,
+                   eps, *, partial_out=None, count_out=False):
+    """The combine kernel over partials [3, split, C]: (mean, invstd, count or None),
+    running stats updated when given; with partial_out, only the combined partial."""
     update = running_mean is not None and running_var is not None
     from_nbt = update and momentum is None
     if from_nbt and num_batches_tracked is None:
         raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
-    grid, kw = _launch("stats", x, v)
-    partials = torch.empty((3, grid[1], v.C), dtype=acc, device=x.device)
-    K.stats_partial_kernel[grid](x, partials, **kw)
-    mean = torch.empty(v.C, dtype=acc, device=x.device)
-    invstd = torch.empty_like(mean)
-    cgrid, ckw = _launch_combine("stats_combine", x, v, grid[1])
+    split = partials.shape[1]
+    mean = invstd = count = None
+    if partial_out is None:
+        mean = torch.empty(v.C, dtype=partials.dtype, device=x.device)
+        invstd = torch.empty_like(mean)
+        count = torch.empty_like(mean) if count_out else None
+    any_ = partials  # a valid pointer for the arguments a launch does not use
+    cgrid, ckw = _launch_combine("stats_combine", x, v, split)
     K.stats_combine_kernel[cgrid](
-        partials, mean, invstd,
-        running_mean if update else mean, running_var if update else mean,
-        num_batches_tracked if from_nbt else mean,
-        v.C, grid[1], v.count, *_fp32_pair(momentum or 0.0), float(eps),
-        UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt, **ckw,
+        partials, mean if mean is not None else any_, invstd if invstd is not None else any_,
+        running_mean if update else any_, running_var if update else any_,
+        num_batches_tracked if from_nbt else any_,
+        partial_out if partial_out is not None else any_, count if count is not None else any_,
+        v.C, split, *_fp32_pair(momentum or 0.0), float(eps),
+        UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt,
+        WRITE_PARTIAL=partial_out is not None, STORE_COUNT=count is not None, **ckw,
     )
-    return mean, invstd
+    return mean, invstd, count
 
 
 def _act_args(weight, bias, batch, eps, activation, slope) -> dict:
@@ -181,26 +219,37 @@ def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slop
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01):
+            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None):
     """y = act(batchnorm(x) [+ residual]). Returns y, the x the kernels read, its
     View, the per-channel (mean, s) that backward needs (s is invstd for batch
-    statistics, running_var with FROM_VAR for eval), and the bit mask backward
-    reads under RES_MASK (else None). residual has x's shape, in any strides."""
+    statistics, running_var with FROM_VAR for eval), the bit mask backward reads
+    under RES_MASK (else None), and the count per channel over every process when
+    comm (SyncBatchNorm's collectives, distributed.py) joins the batch statistics
+    of several processes (else None). residual has x's shape, in any strides."""
     x, v = kernel_view(x)
+    sync = batch and comm is not None
     if x.numel() == 0:
-        return torch.empty_like(x), x, v, None, None, None
+        mean = s = count = None
+        if sync:  # no data here, but the others wait for this process's (empty) stats
+            mean, s, count = global_stats(x, v, running_mean, running_var,
+                                          num_batches_tracked, momentum, eps, comm)
+        return torch.empty_like(x), x, v, mean, s, None, count
     z = like(residual, x) if residual is not None else None
     mode = residual_mode(activation, residual is not None)
     tuning.on_first_use(PASS_KERNELS["fwd"] if batch else ("normalize",),
                         x, v, interpreting(), weight=weight, bias=bias, eps=eps,
                         activation=activation)
-    if batch:
+    count = None
+    if sync:
+        mean, s, count = global_stats(x, v, running_mean, running_var, num_batches_tracked,
+                                      momentum, eps, comm)
+    elif batch:
         mean, s = batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps)
     else:
         mean, s = running_mean, running_var
     mask = new_mask(x, v) if mode == RES_MASK else None
     y = normalize(x, v, mean, s, weight, bias, batch, eps, activation, slope=slope, z=z, mask=mask)
-    return y, x, v, mean, s, mask
+    return y, x, v, mean, s, mask, count
 
 
 def _res_args(x, v, z, mask) -> dict:
@@ -235,16 +284,19 @@ def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, nee
 
 
 def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activation, *,
-               slope=0.01, z=None, mask=None, need_dx=True, dz=None):
+               slope=0.01, z=None, mask=None, need_dx=True, dz=None, count=None):
     """dx (None unless need_dx); training (batch statistics) needs the grad_sums of
-    the same dy. Also writes dz = dy', the residual's grad, into dz when given."""
+    the same dy (SyncBatchNorm: summed over every process, with their count per
+    channel). Also writes dz = dy', the residual's grad, into dz when given."""
     dx = torch.empty_like(x) if need_dx else None
     grid, kw = _launch("dx", x, v, mask)
     K.bwd_dx_kernel[grid](
         x_ptr=x, dy_ptr=dy, dx_ptr=dx if need_dx else x, dz_ptr=dz if dz is not None else x,
         mean_ptr=mean, s_ptr=s, w_ptr=weight if weight is not None else s,
         b_ptr=bias if bias is not None else s, sums_ptr=sums if sums is not None else s,
-        count=v.count, TRAINING=batch and need_dx, WRITE_DX=need_dx, WRITE_DZ=dz is not None,
+        count=v.count, count_ptr=count if count is not None else s,
+        COUNT_FROM_PTR=count is not None,
+        TRAINING=batch and need_dx, WRITE_DX=need_dx, WRITE_DZ=dz is not None,
         **_res_args(x, v, z, mask), **_act_args(weight, bias, batch, eps, activation, slope),
         **kw,
     )
@@ -252,15 +304,21 @@ def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activati
 
 
 def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs, *,
-             slope=0.01, residual=None, mask=None):
+             slope=0.01, residual=None, mask=None, comm=None, count=None):
     """(dx, dweight, dbias, dresidual), each None unless asked for in
     needs = (dx?, dw?, db?, dresidual?). A forward with a residual passes what
     residual_mode kept: the bit mask (RES_MASK) or the residual itself (RES_RELOAD);
-    dresidual = dy' needs one of them unless there is no activation (then it is dy)."""
+    dresidual = dy' needs one of them unless there is no activation (then it is dy).
+    With comm (SyncBatchNorm, training) dx takes sum dy' and sum dy' * xhat over
+    every process (comm.reduce sums them in place) and their `count` per channel;
+    dweight and dbias stay this process's own, as torch's SyncBatchNorm has them."""
     need_dx, need_dw, need_db, need_dz = needs
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
+    sync = comm is not None and batch and need_dx
     if x.numel() == 0:
+        if sync:  # take part in the sum the others make
+            comm.reduce(torch.zeros((2, v.C), dtype=_acc(x.dtype)[0], device=x.device))
         return (torch.empty_like(x) if need_dx else None,
                 torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if need_db else None,
@@ -279,11 +337,13 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
     if reduce:
         sums, dw, db = grad_sums(dy, x, v, mean, s, weight, bias, batch, eps, activation,
                                  need_dw, need_db, slope=slope, z=z, mask=mask)
+        if sync:
+            comm.reduce(sums)
     dx = None
     if elementwise:
         if need_dz:
             dz = torch.empty_like(x)
         dx = grad_input(dy, x, v, mean, s, weight, bias, sums, batch, eps, activation,
                         slope=slope, z=z, mask=mask, need_dx=need_dx,
-                        dz=dz if need_dz else None)
+                        dz=dz if need_dz else None, count=count if sync else None)
     return dx, dw, db, dz

@@ -4,6 +4,7 @@
 pass 1  bwd_reduce_kernel   partials[0, split, c] = sum dy', [1, split, c] = sum dy' * xhat
 pass 2  bwd_combine_kernel  sums[0, c], sums[1, c]; dbias = sum dy', dweight = sum dy' * xhat
 dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat * sum dy'xhat/M)
+                            (SyncBatchNorm: the sums and M over every process)
                             eval:     dx = w * invstd * dy'
                             and dz = dy', the residual's grad, in the same pass
 """
@@ -100,11 +101,12 @@ def bwd_combine_kernel(
 def bwd_dx_kernel(
     x_ptr, dy_ptr, z_ptr, mask_ptr, dx_ptr, dz_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
-    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner, count,
+    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner, count, count_ptr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    COUNT_FROM_PTR: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
@@ -112,7 +114,10 @@ def bwd_dx_kernel(
     scale = invstd * w
     _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
     if TRAINING:
-        m = tl.cast(count, ACC)
+        if COUNT_FROM_PTR:  # SyncBatchNorm: the count over every process, per channel
+            m = tl.load(count_ptr + c, mask=cmask, other=1.0).to(ACC)
+        else:
+            m = tl.cast(count, ACC)
         mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / m
         mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / m
     t0, t1 = tile_range(n_tiles, tiles_per_split)

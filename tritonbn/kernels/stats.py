@@ -3,7 +3,9 @@
 pass 1  stats_partial_kernel   grid (channel blocks, splits)
         partials[0, split, c] = mean, [1, split, c] = M2, [2, split, c] = count
 pass 2  stats_combine_kernel   grid (channel blocks,)
-        mean, invstd (saved for backward) and the running-stat update, in place.
+        mean, invstd (saved for backward) and the running-stat update, in place;
+        or (WRITE_PARTIAL) this process's own (mean, M2, count) as one partial,
+        which SyncBatchNorm gathers from every process and combines again here.
 """
 import triton
 import triton.language as tl
@@ -54,10 +56,11 @@ def stats_partial_kernel(
 
 @triton.jit
 def stats_combine_kernel(
-    partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
-    C, SPLIT, count, momentum_hi, momentum_lo, eps,
+    partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr, count_ptr,
+    C, SPLIT, momentum_hi, momentum_lo, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    MOMENTUM_FROM_NBT: tl.constexpr, ACC: tl.constexpr,
+    MOMENTUM_FROM_NBT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, STORE_COUNT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -75,7 +78,7 @@ def stats_combine_kernel(
         pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
         n += tl.sum(pn, axis=0)
         weighted += tl.sum(pn * (pmean - shift[None, :]), axis=0)
-    n = tl.where(cmask, n, 1.0)  # lanes past C: no 0/0
+    n = tl.where(cmask, n, 2.0)  # lanes past C: no 0/0 in the mean or n / (n - 1)
     mean = shift + weighted / n
     m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, SPLIT, BLOCK_S):
@@ -87,22 +90,28 @@ def stats_combine_kernel(
         pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
         d = tl.where(mask, pmean - mean[None, :], 0.0)
         m2 += tl.sum(pm2 + pn * d * d, axis=0)
-    var = m2 / n
-    tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
-    if UPDATE_RUNNING:
-        if MOMENTUM_FROM_NBT:
-            # momentum=None: cumulative average, factor 1/num_batches_tracked,
-            # read on the device so the host never syncs.
-            factor = 1.0 / tl.load(nbt_ptr).to(ACC)
-        else:
-            # a float64 momentum arrives as two float32 halves (kernel float args are fp32)
-            factor = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
-        rmean = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
-        rvar = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
-        m = tl.cast(count, ACC)
-        unbiased = var * (m / (m - 1.0))
-        rmean = (1.0 - factor) * rmean + factor * mean
-        rvar = (1.0 - factor) * rvar + factor * unbiased
-        tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)
+    if WRITE_PARTIAL:  # the partials layout, one split: [0] mean, [1] M2, [2] count
+        tl.store(stats_ptr + c, mean, mask=cmask)
+        tl.store(stats_ptr + C + c, m2, mask=cmask)
+        tl.store(stats_ptr + 2 * C + c, n, mask=cmask)
+    else:
+        if STORE_COUNT:  # the values per channel, all partials together (SyncBatchNorm's dx)
+            tl.store(count_ptr + c, n, mask=cmask)
+        var = m2 / n
+        tl.store(mean_ptr + c, mean, mask=cmask)
+        tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
+        if UPDATE_RUNNING:
+            if MOMENTUM_FROM_NBT:
+                # momentum=None: cumulative average, factor 1/num_batches_tracked,
+                # read on the device so the host never syncs.
+                factor = 1.0 / tl.load(nbt_ptr).to(ACC)
+            else:
+                # a float64 momentum arrives as two float32 halves (kernel float args are fp32)
+                factor = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+            rmean = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
+            rvar = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
+            unbiased = var * (n / (n - 1.0))  # n: the count summed over every partial
+            rmean = (1.0 - factor) * rmean + factor * mean
+            rvar = (1.0 - factor) * rvar + factor * unbiased
+            tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
+            tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)

@@ -1,0 +1,309 @@
+"""tritonbn.SyncBatchNorm across processes: gloo on 127.0.0.1, every process running
+the Triton kernels (under the interpreter without a GPU), spawned from pytest.
+
+Each process draws the same global batch and takes its own slice; the result must
+match one process's float64 torch BatchNorm over the whole batch: outputs, input
+grads, the weight/bias grads summed over processes, running stats and
+num_batches_tracked.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import tritonbn
+import tritonbn.functional as TF
+from conftest import DEVICE, assert_close, make_input
+from tritonbn import ops, reference
+from tritonbn.testing import poisoned_allocations
+
+BACKEND = "gloo"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn):
+    dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        fn(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, fn):
+    """fn(rank, world) in `world` processes with a gloo group; a failure in any fails here."""
+    assert os.environ.get("TRITON_INTERPRET") == "1" or DEVICE == "cuda"
+    mp.spawn(_entry, args=(world, _port(), fn), nprocs=world, join=True)
+
+
+# ----------------------------------------------------------------------------- one case
+
+def _slices(sizes, rank):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+class _Counted:
+    """Counts SyncBatchNorm's collectives in this process."""
+
+    def __init__(self, monkey):
+        from tritonbn.distributed import _Collectives
+
+        self.calls = []
+        for name in ("gather", "reduce"):
+            real = getattr(_Collectives, name)
+            monkey.setattr(_Collectives, name,
+                           lambda s, t, real=real, name=name: self.calls.append(name) or real(s, t))
+
+
+def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=None,
+               residual=False, momentum=0.1, group=None, ranks=None, steps=2, seed=1):
+    """SyncBatchNorm over the processes `ranks` (all by default) of `group`, against
+    float64 torch BatchNorm over the concatenated batch, several steps then eval."""
+    ranks = ranks or list(range(len(sizes)))
+    me = ranks.index(rank)
+    C = 5
+    cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(spatial)]
+    ours = tritonbn.SyncBatchNorm(C, momentum=momentum, process_group=group, activation=act,
+                                  negative_slope=0.2, device=DEVICE)
+    ref = cls(C, momentum=momentum, dtype=torch.float64, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        ours.bias.copy_(torch.randn(C, generator=g) * 0.5)
+    ref.load_state_dict(ours.state_dict())
+    sizes = [sizes[r] for r in ranks]
+    mine = _slices(sizes, me)
+    monkey = pytest.MonkeyPatch()
+    counted = _Counted(monkey)
+    for step in range(steps + 1):
+        training = step < steps
+        ours.train(training)
+        ref.train(training)
+        shape = (sum(sizes), C, *spatial)
+        x_all = (torch.randn(shape, generator=g, dtype=torch.float64) * 2
+                 + torch.arange(C, dtype=torch.float64).view(1, C, *[1] * len(spatial)) + 3)
+        dy_all = torch.randn(shape, generator=g, dtype=torch.float64)
+        z_all = torch.randn(shape, generator=g, dtype=torch.float64) - 0.5
+        x = x_all[mine].float().to(DEVICE).to(memory_format=fmt).requires_grad_()
+        z = z_all[mine].float().to(DEVICE).requires_grad_() if residual else None
+        with poisoned_allocations():
+            y = ours(x, z)
+            y.backward(dy_all[mine].float().to(DEVICE))
+        x64 = x_all.to(DEVICE).requires_grad_()
+        z64 = z_all.to(DEVICE).requires_grad_() if residual else None
+        y64 = reference.activate(ref(x64) + z64 if residual else ref(x64), act, 0.2)
+        y64.backward(dy_all.to(DEVICE))
+        assert y.stride() == x.stride()
+        assert_close(y, y64[mine], torch.float32, 8)
+        assert_close(x.grad, x64.grad[mine], torch.float32, 8)
+        if residual:
+            assert_close(z.grad, z64.grad[mine], torch.float32, 8)
+        grads = torch.stack([ours.weight.grad, ours.bias.grad])
+        dist.all_reduce(grads, group=group)  # torch's SyncBatchNorm: per-process partials
+        assert_close(grads[0], ref.weight.grad, torch.float32, 80)
+        assert_close(grads[1], ref.bias.grad, torch.float32, 80)
+        assert_close(ours.running_mean, ref.running_mean, torch.float32, 4)
+        assert_close(ours.running_var, ref.running_var, torch.float32, 4)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        # one all_gather forward and one all_reduce backward when training across
+        # processes; none in eval or in a group of one
+        assert counted.calls == (["gather", "reduce"] if training and len(ranks) > 1 else [])
+        counted.calls.clear()
+        ours.zero_grad()
+        ref.zero_grad()
+    monkey.undo()
+
+
+# ----------------------------------------------------------------------------- in processes
+
+def _two(rank, world):
+    check_sync(rank, [3, 1])                                         # unequal, one sample
+    check_sync(rank, [0, 3], act="relu", steps=1)                    # no sample at all
+    check_sync(rank, [2, 3], fmt=torch.channels_last, act="relu", residual=True)
+    check_sync(rank, [1, 4], spatial=(), act="silu", momentum=None)  # (N, C): 1 value here
+    check_sync(rank, [2, 2], spatial=(3, 2, 2), act="gelu", residual=True, steps=1)
+    # a group of one process each: plain BatchNorm over this process's batch, no collective
+    singles = [dist.new_group([r]) for r in range(world)]
+    check_sync(rank, [3, 2], group=singles[rank], ranks=[rank], act="leaky_relu")
+
+
+def _three(rank, world):
+    check_sync(rank, [2, 1, 4], act="relu", residual=True)
+    sub = dist.new_group([0, 2])                                     # every process creates it
+    if rank != 1:
+        check_sync(rank, [3, 1, 2], group=sub, ranks=[0, 2], act="silu")
+    dist.barrier()
+
+
+def test_two_processes():
+    spawn(2, _two)
+
+
+def test_three_processes_and_a_subgroup():
+    spawn(3, _three)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.bn2 = tritonbn.BatchNorm2d(4, activation="silu")
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.bn2(self.act(self.bn1(self.conv(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def _ddp(rank, world):
+    """convert_sync_batchnorm + DistributedDataParallel: two SGD steps equal one process's
+    steps on the whole batch (DDP averages the grads, so the loss is taken / world)."""
+    torch.manual_seed(0)
+    ref = Net().to(DEVICE)
+    model = Net().to(DEVICE)
+    model.load_state_dict(ref.state_dict())
+    model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model.bn1) is tritonbn.SyncBatchNorm and model.bn1.activation is None
+    assert type(model.bn2) is tritonbn.SyncBatchNorm and model.bn2.activation == "silu"
+    if DEVICE == "cpu":
+        # DDP refuses any nn.SyncBatchNorm in a CPU module (torch's own has no CPU
+        # kernels); tritonbn's runs on the CPU under the interpreter, so lift that check
+        # in this process only
+        nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = \
+            lambda self, module: None
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    sizes = [3, 2]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        x_all = torch.randn(sum(sizes), 3, 4, 4, generator=g) + 1
+        t_all = torch.randn(sum(sizes), 2, generator=g)
+        mine = _slices(sizes, rank)
+        loss = ((ddp(x_all[mine].to(DEVICE)) - t_all[mine].to(DEVICE)) ** 2).sum() / sum(sizes)
+        opt.zero_grad()
+        (loss * world).backward()
+        opt.step()
+        loss_ref = ((ref(x_all.to(DEVICE)) - t_all.to(DEVICE)) ** 2).sum() / sum(sizes)
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(p.double(), q.double(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_convert_sync_batchnorm_and_ddp():
+    spawn(2, _ddp)
+
+
+# ----------------------------------------------------------------------------- one process
+
+class _Twice:
+    """The collectives of two processes holding the same batch: the kernels' whole
+    sync path in one process, poisoned buffers included."""
+
+    @staticmethod
+    def gather(local):
+        return torch.cat([local, local], dim=1)
+
+    @staticmethod
+    def reduce(sums):
+        sums.mul_(2)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC"])
+def test_sync_path_in_one_process(layout):
+    shape = (3, 4) if layout == "NC" else (3, 4, 5, 2)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    x = make_input(shape, memory_format=fmt, requires_grad=True)
+    w = torch.rand(4, device=DEVICE) + 0.5
+    b = torch.randn(4, device=DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    with poisoned_allocations():
+        y = TF._batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, "relu", comm=_Twice)
+        dy = make_input(shape, memory_format=fmt, mean=0.3)
+        y.backward(dy)
+    x2 = torch.cat([x.detach(), x.detach()]).double().requires_grad_()
+    rm2, rv2 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    y2 = torch.relu(torch.nn.functional.batch_norm(x2, rm2, rv2, w.double().cpu(),
+                                                   b.double().cpu(), True, 0.1, 1e-5))
+    y2.backward(torch.cat([dy, dy]).double())
+    assert_close(y, y2[:3], torch.float32, 4)
+    assert_close(x.grad, x2.grad[:3], torch.float32, 4)
+    assert_close(rm, rm2, torch.float32)
+    assert_close(rv, rv2, torch.float32, 4)   # unbiased with the count over both: 2·M - 1
+
+
+def test_without_a_process_group_it_is_batchnorm():
+    assert not dist.is_initialized()
+    ours = tritonbn.SyncBatchNorm(3, activation="relu", device=DEVICE)
+    ref = nn.BatchNorm2d(3, dtype=torch.float64, device=DEVICE)
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    assert_close(ours(x), torch.relu(ref(x.double())), torch.float32, 4)
+    assert_close(ours.running_var, ref.running_var, torch.float32)
+    assert isinstance(ours, nn.SyncBatchNorm) and "activation='relu'" in repr(ours)
+    assert list(ours.state_dict()) == list(nn.SyncBatchNorm(3).state_dict())
+
+
+def test_errors_as_torch():
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        tritonbn.SyncBatchNorm(3)(torch.randn(3, device=DEVICE))
+    with pytest.raises(ValueError, match="number of input channels should be non-zero"):
+        tritonbn.SyncBatchNorm(0)(torch.randn(2, 0, 3, device=DEVICE))
+
+
+def test_cpu_without_interpreter_cannot_sync(monkeypatch):
+    """Outside the interpreter a CPU tensor has no kernels to sync with: torch's error."""
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        TF._batch_norm(torch.randn(2, 3, 4), None, None, None, None, True, 0.1, 1e-5, None,
+                       comm=_Twice)
+
+
+def test_convert_sync_batchnorm_keeps_state():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                          tritonbn.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.3),
+                          nn.SyncBatchNorm(4)).eval()
+    old = list(model)
+    keys = list(model.state_dict())
+    pg = object()
+    out = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=pg)
+    assert out is model and list(out.state_dict()) == keys
+    for i in (1, 2, 3):
+        assert type(out[i]) is tritonbn.SyncBatchNorm and out[i].process_group is pg
+        assert out[i].weight is old[i].weight and out[i].running_var is old[i].running_var
+        assert not out[i].training
+    assert out[2].activation == "leaky_relu" and out[2].negative_slope == 0.3
+    assert out[1].activation is None
+    bn = tritonbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))
+    assert type(bn) is tritonbn.SyncBatchNorm
+
+
+def test_convert_then_convert_sync_batchnorm():
+    """The README's recipe: fused modules (a torch.fx GraphModule) made SyncBatchNorm,
+    still the same function (no process group here: no collective)."""
+    from tritonbn.demo import res_net
+
+    ref = res_net(4).to(DEVICE)
+    model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(tritonbn.convert(res_net(4).to(DEVICE)))
+    model.load_state_dict(ref.state_dict())
+    syncs = [m for m in model.modules() if isinstance(m, tritonbn.SyncBatchNorm)]
+    assert len(syncs) == 6 and sum(m.activation == "relu" for m in syncs) == 5
+    x = make_input((2, 3, 8, 8), memory_format=torch.channels_last)
+    assert_close(model(x), ref(x).double(), torch.float32, 4)
