@@ -1,4 +1,7 @@
-"""torch.autograd.Function over the host ops (one for BatchNorm and SyncBatchNorm).
+"""torch.autograd.Function over the host ops, for SyncBatchNorm across processes:
+its collectives (an object with gather and reduce) cannot be an argument of a
+torch.library op. Every other call goes through the custom ops of library.py,
+which save the same tensors.
 
 Saves x and the per-channel stats, and, after a residual add, what
 ops.residual_mode picks: the 1-bit mask (relu, leaky_relu), the residual itself

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import library, ops, reference
 from .autograd import BatchNormFunction
 
 
@@ -105,6 +105,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
                                     momentum, eps, activation, num_batches_tracked, residual,
                                     negative_slope)
-    return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
-                                   num_batches_tracked, bool(training), momentum, eps, activation,
-                                   negative_slope, comm)
+    if comm is not None:  # SyncBatchNorm: collectives from Python, not an op
+        return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                       num_batches_tracked, bool(training), momentum, eps,
+                                       activation, negative_slope, comm)
+    if training:  # statistics are not differentiated: batch_norm's backward covers them
+        mean, s = library.batch_stats(input.detach(), running_mean, running_var,
+                                      num_batches_tracked, momentum, float(eps))
+    else:
+        mean, s = running_mean, running_var
+    return library.batch_norm(input, mean, s, weight, bias, residual, bool(training), float(eps),
+                              activation, float(negative_slope))[0]

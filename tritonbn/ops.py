@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import kernels as K
 from . import tuning
-from .heuristics import (KERNELS, PASS_KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig,
+from .heuristics import (KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig,
                          Config, plan, plan_combine)
 from .layout import View, kernel_view, like
 
@@ -45,6 +45,7 @@ GROUPS = {"reduce": REDUCE_KERNELS,
           "elementwise": tuple(k for k in TILE_KERNELS if k not in REDUCE_KERNELS)}
 
 
+@torch.compiler.assume_constant_result  # torch.compile: read once while tracing, not traced
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     try:
@@ -218,37 +219,51 @@ def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slop
     return y
 
 
+def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked, momentum,
+               eps, comm=None):
+    """(mean, s, count) for normalize and backward: the batch statistics (running stats
+    updated in place; with comm, over every process's batch, and count is their
+    count per channel, else None), or in eval the running stats themselves."""
+    if not batch:
+        return running_mean, running_var, None
+    if comm is not None:
+        return global_stats(x, v, running_mean, running_var, num_batches_tracked, momentum,
+                            eps, comm)
+    tuning.on_first_use(("stats", "stats_combine"), x, v, interpreting(), eps=eps)
+    return (*batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps),
+            None)
+
+
+def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=None,
+          slope=0.01):
+    """(y, mask): y = act((x - mean) * s' * weight + bias [+ residual]) in x's strides,
+    and the bit mask backward reads under RES_MASK (else None)."""
+    tuning.on_first_use(("normalize",), x, v, interpreting(), weight=weight, bias=bias,
+                        eps=eps, activation=activation)
+    z = like(residual, x) if residual is not None else None
+    mask = new_mask(x, v) if residual_mode(activation, z is not None) == RES_MASK else None
+    y = normalize(x, v, mean, s, weight, bias, batch, eps, activation, slope=slope, z=z, mask=mask)
+    return y, mask
+
+
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
             batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None):
-    """y = act(batchnorm(x) [+ residual]). Returns y, the x the kernels read, its
-    View, the per-channel (mean, s) that backward needs (s is invstd for batch
-    statistics, running_var with FROM_VAR for eval), the bit mask backward reads
-    under RES_MASK (else None), and the count per channel over every process when
-    comm (SyncBatchNorm's collectives, distributed.py) joins the batch statistics
+    """y = act(batchnorm(x) [+ residual]): statistics, then apply. Returns y, the x the
+    kernels read, its View, the per-channel (mean, s) that backward needs (s is invstd
+    for batch statistics, running_var with FROM_VAR for eval), the bit mask backward
+    reads under RES_MASK (else None), and the count per channel over every process
+    when comm (SyncBatchNorm's collectives, distributed.py) joins the batch statistics
     of several processes (else None). residual has x's shape, in any strides."""
     x, v = kernel_view(x)
-    sync = batch and comm is not None
     if x.numel() == 0:
         mean = s = count = None
-        if sync:  # no data here, but the others wait for this process's (empty) stats
+        if batch and comm is not None:  # no data here, but the others wait for these stats
             mean, s, count = global_stats(x, v, running_mean, running_var,
                                           num_batches_tracked, momentum, eps, comm)
         return torch.empty_like(x), x, v, mean, s, None, count
-    z = like(residual, x) if residual is not None else None
-    mode = residual_mode(activation, residual is not None)
-    tuning.on_first_use(PASS_KERNELS["fwd"] if batch else ("normalize",),
-                        x, v, interpreting(), weight=weight, bias=bias, eps=eps,
-                        activation=activation)
-    count = None
-    if sync:
-        mean, s, count = global_stats(x, v, running_mean, running_var, num_batches_tracked,
-                                      momentum, eps, comm)
-    elif batch:
-        mean, s = batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps)
-    else:
-        mean, s = running_mean, running_var
-    mask = new_mask(x, v) if mode == RES_MASK else None
-    y = normalize(x, v, mean, s, weight, bias, batch, eps, activation, slope=slope, z=z, mask=mask)
+    mean, s, count = statistics(x, v, batch, running_mean, running_var, num_batches_tracked,
+                                momentum, eps, comm)
+    y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
     return y, x, v, mean, s, mask, count
 
 
