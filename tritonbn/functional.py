@@ -111,7 +111,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                                        activation, negative_slope, comm)
     if training:  # statistics are not differentiated: batch_norm's backward covers them
         mean, s = library.batch_stats(input.detach(), running_mean, running_var,
-                                      num_batches_tracked, momentum, float(eps))
+                                      num_batches_tracked,
+                                      None if momentum is None else float(momentum), float(eps))
     else:
         mean, s = running_mean, running_var
     return library.batch_norm(input, mean, s, weight, bias, residual, bool(training), float(eps),
