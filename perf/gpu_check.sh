@@ -4,14 +4,16 @@
 #   sanitizer  compute-sanitizer memcheck on a small tritonbn run, relu and
 #              relu(bn(x) + z) (the mask's write and read)                     <=  60 s
 #   tune       tritonbn tune, resnet50 batch 256, fp16 channels_last, into
-#              OUTDIR/tuning-cache; exported to OUTDIR/configs/<gpu>.json     <= 120 s
+#              OUTDIR/tuning-cache; exported to OUTDIR/configs/<gpu>.json     <= 100 s
 #   bench      resnet50 batch 256, the issue-3 target (fp16 channels_last
 #              bn_relu; tritonbn tuned, tritonbn heuristic, torch, compile)   <= 110 s
 #   residual   bench bn_add_relu, relu(bn(x) + z) with dz, against torch's
 #              unfused torch.relu(bn(x) + z): resnet50 (batch 256, then 32),
-#              channels_last, fp16 and bf16, tritonbn vs torch                <=  65 s
+#              channels_last, fp16 and bf16, tritonbn vs torch                <=  55 s
+#   compiled   a compiled (Inductor, fullgraph) ResNet-style training step,
+#              tritonbn.convert vs torch BatchNorm, bf16 autocast             <=  45 s
 #   quick      bench quick, every dtype/layout, the default ops (bn, bn_relu,
-#              bn_add_relu), tritonbn vs torch                                <=  40 s
+#              bn_add_relu), tritonbn vs torch                                <=  35 s
 #   report     the report (Markdown + PNG) from the JSON                       <=  15 s
 # Writes OUTDIR/<date>-<gpu>.json, OUTDIR/report/ and a log per stage. Nothing to install.
 # Usage: perf/gpu_check.sh OUTDIR [STAGE ...]   (default: every stage, in that order;
@@ -19,7 +21,7 @@
 set -uo pipefail
 out=${1:?usage: perf/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=" ${*:-tests sanitizer tune bench residual quick report} "
+stages=" ${*:-tests sanitizer tune bench residual compiled quick report} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
@@ -52,8 +54,8 @@ fi
 if want tune; then
     stage "tune resnet50/b256 fp16 channels_last (tuned vs heuristic per kernel)"
     mkdir -p "$out/configs"
-    timeout 120 python3 -m tritonbn tune --shapes resnet50/b256 --dtype float16 --layout channels_last \
-        --budget-s 90 --warmup-ms 2 --rep-ms 10 --no-progress --export "$out/configs/$slug.json" 2>&1 \
+    timeout 100 python3 -m tritonbn tune --shapes resnet50/b256 --dtype float16 --layout channels_last \
+        --budget-s 75 --warmup-ms 2 --rep-ms 10 --no-progress --export "$out/configs/$slug.json" 2>&1 \
         | tee "$out/tune.log" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
@@ -69,15 +71,22 @@ fi
 
 if want residual; then
     stage "bench resnet50 bn_add_relu: channels_last fp16 + bf16, tritonbn / torch relu(bn(x) + z)"
-    timeout 65 bench --shapes resnet50 --dtypes float16,bfloat16 --layouts channels_last \
-        --ops bn_add_relu --impls tritonbn,torch --budget-s 48 2>&1 \
+    timeout 55 bench --shapes resnet50 --dtypes float16,bfloat16 --layouts channels_last \
+        --ops bn_add_relu --impls tritonbn,torch --budget-s 40 2>&1 \
         | tee "$out/bench_residual.log" | tail -12
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if want compiled; then
+    stage "compiled training step (torch.compile fullgraph, Inductor): tritonbn vs torch BatchNorm"
+    timeout 45 python3 perf/compiled_step.py --out "$out/compiled_step.json" 2>&1 \
+        | tee "$out/compiled_step.log" | tail -4
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if want quick; then
     stage "bench quick: every dtype and layout, ops bn, bn_relu, bn_add_relu, tritonbn / torch"
-    timeout 40 bench --shapes quick --impls tritonbn,torch --budget-s 25 2>&1 \
+    timeout 35 bench --shapes quick --impls tritonbn,torch --budget-s 22 2>&1 \
         | tee "$out/bench_quick.log" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

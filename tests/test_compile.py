@@ -190,3 +190,27 @@ def test_cuda_graph_training_step_gpu():
         torch.testing.assert_close(static_loss, loss_ref, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs it as gpu_check's compiled stage")
+def test_compiled_step_script_smoke(tmp_path):
+    """perf/compiled_step.py end to end on tiny shapes (interpreter, aot_eager): both
+    models compile with fullgraph=True and their first losses agree."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = tmp_path / "step.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "perf" / "compiled_step.py"), "--device", "cpu",
+         "--backend", "aot_eager", "--batch", "4", "--size", "8", "--width", "4",
+         "--dtype", "float32", "--out", str(out)],
+        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+        timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["losses_match"] and [r["impl"] for r in doc["records"]] == ["torch", "tritonbn"]
+    assert doc["records"][0]["first_loss"] > 0
