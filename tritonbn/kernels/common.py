@@ -12,7 +12,7 @@ ACT_GELU = tl.constexpr(4)
 # what backward knows of a residual z added before the activation (ops.residual_mode)
 RES_NONE = tl.constexpr(0)    # no residual, or no activation: act'(pre) needs no z
 RES_RELOAD = tl.constexpr(1)  # read z again and recompute pre (silu, gelu)
-RES_MASK = tl.constexpr(2)    # read the 1-bit act'(pre) != 1 mask normalize wrote (relu, leaky_relu)
+RES_MASK = tl.constexpr(2)    # read the bit "act'(pre) == 1" normalize wrote (relu, leaky_relu)
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
