@@ -118,12 +118,17 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
 
     momentum=None takes the factor 1/num_batches_tracked on the device.
     """
+    mean, invstd, _ = _combine_stats(x, v, _partials(x, v), running_mean, running_var,
+                                     num_batches_tracked, momentum, eps)
+    return mean, invstd
+
+
+def _partials(x, v) -> torch.Tensor:
+    """The stats kernel's per-split (mean, M2, count) of x, [3, split, C]."""
     grid, kw = _launch("stats", x, v)
     partials = torch.empty((3, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
     K.stats_partial_kernel[grid](x, partials, **kw)
-    mean, invstd, _ = _combine_stats(x, v, partials, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps)
-    return mean, invstd
+    return partials
 
 
 def local_stats(x, v) -> torch.Tensor:
@@ -132,11 +137,8 @@ def local_stats(x, v) -> torch.Tensor:
     acc = _acc(x.dtype)[0]
     if x.numel() == 0:
         return torch.zeros((3, 1, v.C), dtype=acc, device=x.device)
-    grid, kw = _launch("stats", x, v)
-    partials = torch.empty((3, grid[1], v.C), dtype=acc, device=x.device)
-    K.stats_partial_kernel[grid](x, partials, **kw)
     stats = torch.empty((3, 1, v.C), dtype=acc, device=x.device)
-    _combine_stats(x, v, partials, None, None, None, 0.0, 0.0, partial_out=stats)
+    _combine_stats(x, v, _partials(x, v), None, None, None, 0.0, 0.0, partial_out=stats)
     return stats
 
 
