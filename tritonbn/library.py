@@ -37,17 +37,13 @@ from . import ops
 from .layout import kernel_view
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float
                 ) -> tuple[Tensor, Tensor]:
     xk, v = kernel_view(x)
     if x.numel() == 0:
-        empty = x.new_empty(0, dtype=_acc(x.dtype))
+        empty = x.new_empty(0, dtype=ops._acc(x.dtype)[0])
         return empty, empty.clone()
     mean, s, _ = ops.statistics(xk, v, True, running_mean, running_var, num_batches_tracked,
                                 momentum, eps)
@@ -56,7 +52,7 @@ def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
 
 @batch_stats.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
-    mean = x.new_empty(x.shape[1] if x.numel() else 0, dtype=_acc(x.dtype))
+    mean = x.new_empty(x.shape[1] if x.numel() else 0, dtype=ops._acc(x.dtype)[0])
     return mean, torch.empty_like(mean)
 
 
