@@ -5,6 +5,7 @@ import torch
 
 from . import library, ops, reference
 from .autograd import BatchNormFunction
+from .layout import kernel_view
 
 
 def check_activation(activation):
@@ -109,6 +110,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
                                        num_batches_tracked, bool(training), momentum, eps,
                                        activation, negative_slope, comm)
+    # strides the kernels can tile, copied here once (differentiably) if need be, so that
+    # neither op nor the backward copies x again
+    input = kernel_view(input)[0]
     if training:  # statistics are not differentiated: batch_norm's backward covers them
         mean, s = library.batch_stats(input.detach(), running_mean, running_var,
                                       num_batches_tracked,
