@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import reference
 from . import model, schema, shapes
 from .summary import summary_rows
 
@@ -186,21 +187,6 @@ def classify(names: list[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- correctness
 
-def reference_act(activation, t: torch.Tensor) -> torch.Tensor:
-    """The activation in t's precision (float64 for the reference)."""
-    if activation is None:
-        return t
-    if activation == "relu":
-        return torch.relu(t)
-    if activation == "leaky_relu":
-        return F.leaky_relu(t, model.LEAKY_SLOPE)
-    if activation == "silu":
-        return t * torch.sigmoid(t)
-    if activation == "gelu":
-        return 0.5 * t * (1.0 + torch.erf(t * 0.5 ** 0.5))
-    raise ValueError(f"unknown activation {activation!r}")
-
-
 # grads, in the order of the inputs autograd runs over: x, [z,] weight, bias
 def grad_names(op: str) -> tuple[str, ...]:
     return ("dx", "dz", "dweight", "dbias") if model.has_residual(op) else ("dx", "dweight", "dbias")
@@ -228,7 +214,7 @@ class Reference:
         if model.has_residual(op) and self.z is None:
             raise ValueError(f"op {op} needs the reference built with its residual z")
         got = dict(zip(names, grads), y=y)
-        out_t = reference_act(act, self.pre)
+        out_t = reference.activate(self.pre, act, model.LEAKY_SLOPE)
         if act in ("relu", "leaky_relu"):
             ref = self._masked_grads(act, names, got)
         else:
