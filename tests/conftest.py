@@ -58,3 +58,70 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param_dtype=None,
+                negative_slope=0.01):
+    """(tritonbn module, torch.nn float64 module with the same state, shape, memory format)."""
+    import tritonbn
+    from torch import nn
+
+    cls, shape, fmt = LAYOUTS[layout]
+    C = shape[1]
+    if param_dtype is None:  # half inputs with fp32 parameters/stats, as under autocast
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ours = getattr(tritonbn, cls)(C, momentum=momentum, affine=affine, track_running_stats=track,
+                                  activation=act, negative_slope=negative_slope, device=DEVICE,
+                                  dtype=param_dtype)
+    ref = getattr(nn, cls)(C, momentum=momentum, affine=affine, track_running_stats=track,
+                           dtype=torch.float64, device=DEVICE)
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref, shape, fmt
+
+
+def check_steps(ours, ref, shape, fmt, dtype, steps=3, *, residual=False, z_format=None):
+    """`steps` training steps then eval, ours against torch's act(ref(x) [+ z]) in float64:
+    y, the grads of x, weight, bias [and z], running stats and num_batches_tracked,
+    with every buffer tritonbn allocates poisoned."""
+    from tritonbn import reference
+    from tritonbn.testing import poisoned_allocations
+
+    scale = 4.0  # values and grads here reach a few units
+    for step in range(steps + 1):
+        training = step < steps
+        ours.train(training)
+        ref.train(training)
+        x = make_input(shape, dtype, fmt, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+        z = z64 = None
+        if residual:
+            z = make_input(shape, dtype, z_format or fmt, mean=-0.7, std=1.0, requires_grad=True)
+            z64 = z.detach().double().requires_grad_()
+        with poisoned_allocations():
+            y = ours(x, z)
+            dy = make_input(shape, dtype, fmt, mean=0.3, std=1.0)
+            y.backward(dy)
+        y_ref = reference.activate(ref(x64) + z64 if residual else ref(x64), ours.activation,
+                                   ours.negative_slope)
+        y_ref.backward(dy.double())
+        assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+        assert_close(y, y_ref, dtype, scale)
+        assert_close(x.grad, x64.grad, dtype, scale)
+        if residual:
+            assert z.grad.shape == z.shape
+            assert_close(z.grad, z64.grad, dtype, scale)
+        if ours.affine:
+            # sums over the batch: their size grows with it, so compare relatively
+            assert_close(ours.weight.grad, ref.weight.grad, dtype, scale=scale * 10)
+            assert_close(ours.bias.grad, ref.bias.grad, dtype, scale=scale * 10)
+            ours.weight.grad = ours.bias.grad = ref.weight.grad = ref.bias.grad = None
+        if ours.track_running_stats:
+            assert_close(ours.running_mean, ref.running_mean, dtype)
+            assert_close(ours.running_var, ref.running_var, dtype, scale)
+            assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+        else:
+            assert ours.running_mean is None and ours.num_batches_tracked is None

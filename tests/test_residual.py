@@ -8,7 +8,7 @@ from torch import nn
 
 import tritonbn
 import tritonbn.functional as TF
-from conftest import DEVICE, LAYOUTS, assert_close, make_input
+from conftest import DEVICE, LAYOUTS, assert_close, check_steps, make_input, module_pair
 from tritonbn import ops
 from tritonbn.heuristics import Config
 from tritonbn.testing import poisoned_allocations, saved_for_backward
@@ -22,53 +22,10 @@ def torch_act(y, act):
             "silu": F.silu, "gelu": F.gelu}[act](y)
 
 
-def _pair(layout, act, dtype=torch.float32):
-    cls, shape, fmt = LAYOUTS[layout]
-    C = shape[1]
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    ours = getattr(tritonbn, cls)(C, activation=act, negative_slope=SLOPE, device=DEVICE,
-                                  dtype=pdt)
-    ref = getattr(nn, cls)(C, dtype=torch.float64, device=DEVICE)
-    with torch.no_grad():
-        ours.weight.uniform_(0.5, 1.5)
-        ours.bias.uniform_(-0.5, 0.5)
-    ref.load_state_dict(ours.state_dict())
-    return ours, ref, shape, fmt
-
-
 def _steps(layout, act, residual, dtype=torch.float32, z_format=None, steps=2):
     """Training steps then eval; every output and grad against float64 torch."""
-    ours, ref, shape, fmt = _pair(layout, act, dtype)
-    scale = 4.0
-    for step in range(steps + 1):
-        training = step < steps
-        ours.train(training)
-        ref.train(training)
-        x = make_input(shape, dtype, fmt, requires_grad=True)
-        x64 = x.detach().double().requires_grad_()
-        z = z64 = None
-        if residual:
-            z = make_input(shape, dtype, z_format or fmt, mean=-0.7, std=1.0, requires_grad=True)
-            z64 = z.detach().double().requires_grad_()
-        with poisoned_allocations():
-            y = ours(x, z)
-            dy = make_input(shape, dtype, fmt, mean=0.3, std=1.0)
-            y.backward(dy)
-        pre = ref(x64) + z64 if residual else ref(x64)
-        y_ref = torch_act(pre, act)
-        y_ref.backward(dy.double())
-        assert y.dtype == dtype and y.stride() == x.stride()
-        assert_close(y, y_ref, dtype, scale)
-        assert_close(x.grad, x64.grad, dtype, scale)
-        assert_close(ours.weight.grad, ref.weight.grad, dtype, scale * 10)
-        assert_close(ours.bias.grad, ref.bias.grad, dtype, scale * 10)
-        if residual:
-            assert z.grad.shape == z.shape
-            assert_close(z.grad, z64.grad, dtype, scale)
-        assert_close(ours.running_mean, ref.running_mean, dtype)
-        assert_close(ours.running_var, ref.running_var, dtype, scale)
-        ours.zero_grad()
-        ref.zero_grad()
+    ours, ref, shape, fmt = module_pair(layout, dtype, act, negative_slope=SLOPE)
+    check_steps(ours, ref, shape, fmt, dtype, steps, residual=residual, z_format=z_format)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn_add"])
