@@ -328,52 +328,43 @@ def test_batchnorm1d_traced():
 # not fused where that would change the result
 
 
-class UsedTwice(nn.Module):
+class _OneBN2d(nn.Module):
+    """The cases below: one BatchNorm2d(3) as self.bn, and their own forward."""
+
     def __init__(self):
         super().__init__()
         self.bn = nn.BatchNorm2d(3)
 
+
+class UsedTwice(_OneBN2d):
     def forward(self, x, other):
         y = self.bn(x)
         return F.relu(y) + y * other
 
 
-class SelfAdd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(3)
-
+class SelfAdd(_OneBN2d):
     def forward(self, x, other):
         y = self.bn(x)
         return F.relu(y + y)
 
 
-class CalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(3)
-
+class CalledTwice(_OneBN2d):
     def forward(self, x, other):
         return F.relu(self.bn(self.bn(x) + other))
 
 
-class TanhGelu(nn.Module):
+class TanhGelu(_OneBN2d):
     def __init__(self):
         super().__init__()
-        self.bn = nn.BatchNorm2d(3)
         self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.GELU(approximate="tanh"))
 
     def forward(self, x, other):
         return F.gelu(self.bn(x), approximate="tanh") + self.seq(other)
 
 
-class WritesBetween(nn.Module):
+class WritesBetween(_OneBN2d):
     """Fusing would run bn after h.relu_(), normalizing the rectified h. (No backward:
     torch's BatchNorm saved h, which relu_ then changed.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(3)
 
     def forward(self, x, other):
         h = x * 1.0
@@ -382,12 +373,8 @@ class WritesBetween(nn.Module):
         return F.relu(y + h)
 
 
-class AddIntoOther(nn.Module):
+class AddIntoOther(_OneBN2d):
     """o.add_(bn(x)) writes into o, which is read afterwards."""
-
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(3)
 
     def forward(self, x, other):
         o = other * 1.0
@@ -395,10 +382,9 @@ class AddIntoOther(nn.Module):
         return z + o
 
 
-class Hooked(nn.Module):
+class Hooked(_OneBN2d):
     def __init__(self):
         super().__init__()
-        self.bn = nn.BatchNorm2d(3)
         self.bn.register_forward_hook(lambda m, inp, out: out * 2.0)
 
     def forward(self, x, other):
