@@ -100,8 +100,7 @@ def _bench(args, argv) -> int:
             print("tritonbn bench: TRITON_INTERPRET is set, so Triton would interpret its kernels "
                   "rather than compile them; unset it to time on the GPU.", file=sys.stderr)
             return 2
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    # --device cpu: _pick_backend_early has set TRITON_INTERPRET=1 already
     from .perf.bench import OPS, Options, run
 
     ops = OPS if "all" in args.ops else args.ops
