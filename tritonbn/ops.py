@@ -118,13 +118,13 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
 
     momentum=None takes the factor 1/num_batches_tracked on the device.
     """
-    mean, invstd, _ = _combine_stats(x, v, _partials(x, v), running_mean, running_var,
-                                     num_batches_tracked, momentum, eps)
+    mean, invstd, _ = combine_stats(x, v, stats_partials(x, v), running_mean, running_var,
+                                    num_batches_tracked, momentum, eps)
     return mean, invstd
 
 
-def _partials(x, v) -> torch.Tensor:
-    """The stats kernel's per-split (mean, M2, count) of x, [3, split, C]."""
+def stats_partials(x, v) -> torch.Tensor:
+    """The stats kernel alone: per-split (mean, M2, count) of x, [3, split, C]."""
     grid, kw = _launch("stats", x, v)
     partials = torch.empty((3, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
     K.stats_partial_kernel[grid](x, partials, **kw)
@@ -138,7 +138,7 @@ def local_stats(x, v) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros((3, 1, v.C), dtype=acc, device=x.device)
     stats = torch.empty((3, 1, v.C), dtype=acc, device=x.device)
-    _combine_stats(x, v, _partials(x, v), None, None, None, 0.0, 0.0, partial_out=stats)
+    combine_stats(x, v, stats_partials(x, v), None, None, None, 0.0, 0.0, partial_out=stats)
     return stats
 
 
@@ -147,13 +147,13 @@ def global_stats(x, v, running_mean, running_var, num_batches_tracked, momentum,
     process's local_stats go out through comm.gather, the partials of all come back
     and are combined here. Returns mean, invstd and the count per channel."""
     partials = comm.gather(local_stats(x, v))
-    return _combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked,
-                          momentum, eps, count_out=True)
+    return combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked,
+                         momentum, eps, count_out=True)
 
 
-def _combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked, momentum,
-                   eps, *, partial_out=None, count_out=False):
-    """The combine kernel over partials [3, split, C]: (mean, invstd, count or None),
+def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked, momentum,
+                  eps, *, partial_out=None, count_out=False):
+    """The stats_combine kernel alone, over partials [3, split, C]: (mean, invstd, count or None),
     running stats updated when given; with partial_out, only the combined partial."""
     update = running_mean is not None and running_var is not None
     from_nbt = update and momentum is None
@@ -281,20 +281,33 @@ def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, nee
     """(sums, dweight, dbias): sums[0] = sum dy', sums[1] = sum dy' * xhat per channel;
     dweight/dbias written only when asked for (else None). dy' takes act'(pre) from
     the bit mask if given, else from pre recomputed with z (in x's strides) if given."""
-    acc = _acc(x.dtype)[0]
+    partials = grad_partials(dy, x, v, mean, s, weight, bias, batch, eps, activation,
+                             slope=slope, z=z, mask=mask)
+    return combine_grads(x, v, partials, weight, bias, need_dw, need_db)
+
+
+def grad_partials(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slope=0.01,
+                  z=None, mask=None) -> torch.Tensor:
+    """The bwd_reduce kernel alone: per-split (sum dy', sum dy' * xhat), [2, split, C]."""
     grid, kw = _launch("bwd_reduce", x, v, mask)
-    partials = torch.empty((2, grid[1], v.C), dtype=acc, device=x.device)
+    partials = torch.empty((2, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
     K.bwd_reduce_kernel[grid](x_ptr=x, dy_ptr=dy, mean_ptr=mean, s_ptr=s,
                               w_ptr=weight if weight is not None else s,
                               b_ptr=bias if bias is not None else s, partials_ptr=partials,
                               **_res_args(x, v, z, mask),
                               **_act_args(weight, bias, batch, eps, activation, slope), **kw)
-    sums = torch.empty((2, v.C), dtype=acc, device=x.device)
+    return partials
+
+
+def combine_grads(x, v, partials, weight, bias, need_dw, need_db):
+    """The bwd_combine kernel alone: (sums [2, C], dweight, dbias) from grad_partials."""
+    split = partials.shape[1]
+    sums = torch.empty((2, v.C), dtype=partials.dtype, device=x.device)
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
-    cgrid, ckw = _launch_combine("bwd_combine", x, v, grid[1])
+    cgrid, ckw = _launch_combine("bwd_combine", x, v, split)
     K.bwd_combine_kernel[cgrid](
-        partials, sums, dw if need_dw else sums, db if need_db else sums, v.C, grid[1],
+        partials, sums, dw if need_dw else sums, db if need_db else sums, v.C, split,
         HAS_DW=need_dw, HAS_DB=need_db, **ckw,
     )
     return sums, dw, db
