@@ -20,6 +20,23 @@ tritonbn's relu writes a 1-bit-per-element mask forward and reads it backward
 (E/8 bytes each way, not counted: +1/16 of E·s at 2 bytes per element); a
 residual with silu or gelu (no suite op) re-reads z in both backward passes
 (+2·E·s). Without a residual nothing is extra.
+
+Per kernel (``kernel_bytes``, the per-kernel dataset's GB/s), with no activation
+mask or residual; a = bytes per accumulator (4: fp32, 8 for fp64 input), split =
+the partials the reduce launch really wrote (its grid's second axis):
+
+| kernel        | reads                         | writes                              |
+|---------------|-------------------------------|-------------------------------------|
+| stats         | E·s                           | 3·split·C·a (mean, M2, count)       |
+| stats_combine | 3·split·C·a + 2·C·a (running) | 2·C·a (mean, invstd) + 2·C·a (running) |
+| normalize     | E·s                           | E·s                                 |
+| bwd_reduce    | 2·E·s (x, dy)                 | 2·split·C·a                         |
+| bwd_combine   | 2·split·C·a                   | 2·C·a (sums) + 2·C·4 (dw, db)       |
+| dx            | 2·E·s (x, dy)                 | E·s                                 |
+
+The per-channel mean, invstd, weight and bias that normalize, bwd_reduce and dx
+read (16·C bytes) are left out: 8/(N·H·W·s) of normalize's bytes, at most 0.3 %
+for the dataset's shapes.
 """
 from __future__ import annotations
 
@@ -74,3 +91,19 @@ def model_bytes(op: str, pass_: str, numel: int, elem_size: int, model: str = "t
 def gbps(nbytes: float, ms: float) -> float:
     """Bytes moved in ms milliseconds, as GB/s (10^9 bytes per second)."""
     return nbytes / (ms * 1e-3) / 1e9
+
+
+def kernel_bytes(kernel: str, numel: int, C: int, elem_size: int, split: int,
+                 acc_size: int = 4) -> int:
+    """Bytes one launch of ``kernel`` moves (the table above): E = numel elements of
+    elem_size bytes, C channels, ``split`` partials per channel, acc_size-byte accumulators."""
+    es, part, chan = numel * elem_size, split * C * acc_size, C * acc_size
+    moved = {"stats": es + 3 * part,
+             "stats_combine": 3 * part + 2 * chan + 4 * chan,
+             "normalize": 2 * es,
+             "bwd_reduce": 2 * es + 2 * part,
+             "bwd_combine": 2 * part + 2 * chan + 2 * C * 4,
+             "dx": 3 * es}
+    if kernel not in moved:
+        raise ValueError(f"unknown kernel {kernel!r}; choose from {', '.join(moved)}")
+    return moved[kernel]
