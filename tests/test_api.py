@@ -174,6 +174,7 @@ def test_running_stats_updated_once_per_call():
     assert_close(m.running_mean, 0.75 * x.double().mean((0, 2, 3)), torch.float32)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="sync debug mode needs CUDA")
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_no_host_sync_gpu(momentum):

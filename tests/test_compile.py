@@ -139,7 +139,8 @@ def test_no_graph_breaks():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Inductor over Triton kernels needs a GPU")
-@pytest.mark.parametrize("act,momentum", [("relu", 0.1), ("gelu", None)])
+@pytest.mark.parametrize("act,momentum", [pytest.param("relu", 0.1, marks=pytest.mark.gpu_smoke),
+                                          ("gelu", None)])
 def test_inductor_fullgraph_gpu(act, momentum):
     torch._dynamo.reset()
     eager = Block(act, momentum, torch.channels_last).to(DEVICE)
@@ -153,6 +154,7 @@ def test_inductor_fullgraph_gpu(act, momentum):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.gpu_smoke
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_training_step_gpu():
     """A whole training step (forward, backward, SGD) captured once and replayed on new

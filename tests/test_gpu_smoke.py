@@ -1,0 +1,96 @@
+"""The GPU smoke subset (marker ``gpu_smoke``): each kernel family compiled once
+per kind of launch that matters, on realistic shapes on the GPU and on small
+analogues here, against torch.nn in float64 with every tritonbn buffer poisoned.
+
+`perf/gpu_check.sh` runs `pytest -m gpu_smoke` as its first stage, in about 90 s
+on an H100 with pytest-xdist: the whole suite compiles hundreds of variants and
+would not finish in a lease. The subset covers every tiling (channel-last and
+channel-first, 1-D/2-D/3-D), every dtype, every activation, both residual modes
+(the 1-bit mask and the re-read z), eval, momentum=None, 64-bit offsets, forced
+small tiles and splits, and the small edge cases (one channel, two values per
+channel, odd C, H*W = 49). Other tests marked gpu_smoke: CUDA-graph replay,
+Inductor, no host sync (test_compile.py, test_api.py).
+"""
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+from conftest import DEVICE, check_steps
+from tritonbn import ops
+from tritonbn.heuristics import Config
+
+pytestmark = pytest.mark.gpu_smoke
+
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+# (id, GPU shape, CPU shape, channels_last, dtype, activation, residual, momentum)
+CASES = [
+    ("resnet_cl_fp16_relu", (256, 64, 56, 56), (3, 6, 4, 3), True, F16, "relu", False, 0.1),
+    ("7x7_nchw_fp16_relu", (32, 2048, 7, 7), (2, 9, 7, 7), False, F16, "relu", False, 0.1),
+    ("nchw_bf16_relu_mask", (32, 256, 56, 56), (2, 5, 4, 4), False, BF16, "relu", True, 0.1),
+    ("cl_fp32_silu_reload", (32, 512, 28, 28), (2, 5, 3, 3), True, F32, "silu", True, None),
+    ("cl_bf16_leaky_mask", (32, 1024, 14, 14), (2, 7, 3, 2), True, BF16, "leaky_relu", True, 0.1),
+    ("ncl_fp16_gelu", (20, 6, 65536), (3, 6, 300), False, F16, "gelu", False, 0.1),
+    ("nc_fp32_leaky", (4096, 1024), (40, 11), False, F32, "leaky_relu", False, None),
+    ("nc_fp16_none_res", (256, 4096), (9, 19), False, F16, None, True, 0.1),
+    ("ndhwc_fp16_none", (8, 32, 8, 16, 16), (2, 5, 3, 2, 3), True, F16, None, False, 0.1),
+    ("ncdhw_bf16_gelu_reload", (4, 16, 8, 16, 16), (2, 4, 3, 2, 3), False, BF16, "gelu", True, 0.1),
+    ("one_channel", (2, 1, 3, 3), (2, 1, 3, 3), False, F32, "relu", False, 0.1),
+    ("two_values", (2, 37, 1, 1), (2, 37, 1, 1), True, F16, "relu", True, 0.1),
+    ("odd_c_cl_fp16", (32, 37, 56, 56), (2, 37, 5, 5), True, F16, "silu", False, 0.1),
+    ("fp64_cl_gelu", (8, 24, 14, 14), (2, 6, 3, 3), True, F64, "gelu", True, 0.1),
+]
+
+
+def _modules(shape, dtype, act, momentum):
+    C = shape[1]
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    param = F64 if dtype == F64 else F32
+    ours = getattr(tritonbn, cls)(C, momentum=momentum, activation=act, device=DEVICE,
+                                  dtype=param)
+    ref = getattr(nn, cls)(C, momentum=momentum, device=DEVICE, dtype=F64)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("gpu_shape,cpu_shape,cl,dtype,act,residual,momentum",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_smoke_training_then_eval(gpu_shape, cpu_shape, cl, dtype, act, residual, momentum):
+    shape = gpu_shape if DEVICE == "cuda" else cpu_shape
+    fmt = CL[len(shape)] if cl else torch.contiguous_format
+    ours, ref = _modules(shape, dtype, act, momentum)
+    check_steps(ours, ref, shape, fmt, dtype, steps=2, residual=residual)
+
+
+@pytest.mark.parametrize("forced", [dict(int64=True),
+                                    dict(reduce=Config(BLOCK_M=8, BLOCK_C=4, split=7),
+                                         elementwise=Config(BLOCK_M=16, BLOCK_C=2, split=3))],
+                         ids=["int64_offsets", "small_tiles_splits"])
+@pytest.mark.parametrize("cl", [True, False], ids=["cl", "nchw"])
+def test_smoke_forced_launches(forced, cl):
+    """64-bit offsets, and tiles and splits that do not divide the shape (masked
+    edges, several splits per channel block, the mask's whole-byte tiles)."""
+    shape = (4, 40, 9, 9) if DEVICE == "cuda" else (2, 5, 4, 3)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    ours, ref = _modules(shape, F16, "relu", 0.1)
+    with ops.launch_overrides(**forced):
+        check_steps(ours, ref, shape, fmt, F16, steps=1, residual=True)
+
+
+def test_smoke_empty_batch_and_eval_only():
+    """An empty batch gives an empty output; a module never trained runs eval from
+    its initial running stats, forward and backward."""
+    ours, ref = _modules((2, 8, 4, 4), F32, "relu", 0.1)
+    empty = torch.empty(0, 8, 4, 4, device=DEVICE, requires_grad=True)
+    y = ours(empty)
+    y.sum().backward()
+    ref(empty.detach().double())  # torch counts the empty batch too
+    assert y.shape == empty.shape and empty.grad.shape == empty.shape
+    ours.eval(), ref.eval()
+    check_steps(ours, ref, (16, 8, 28, 28) if DEVICE == "cuda" else (2, 8, 3, 3),
+                torch.channels_last, F32, steps=0)
