@@ -5,7 +5,7 @@ tritonbn.BatchNorm (relu; relu(bn(x) + z) with the residual, which also writes a
 reads the 1-bit mask) against torch.nn.BatchNorm + relu run in float32 on the same
 data, with every buffer tritonbn allocates poisoned first (NaN; the mask 0xA5).
 Writes a JSON record.
-Usage: python perf/check_realistic.py --out results.json [--small]
+Usage: python perf/check_realistic.py --out results.json [--small] [--dtypes float16,float32]
 """
 from __future__ import annotations
 
@@ -74,14 +74,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--small", action="store_true", help="tiny shapes (for compute-sanitizer)")
+    p.add_argument("--dtypes", default="float16,bfloat16,float32",
+                   help="comma-separated (default float16,bfloat16,float32)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("check_realistic: no CUDA device", file=sys.stderr)
         return 2
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     records = []
     for shape, layout in (SMALL if args.small else SHAPES):
-        for dtype, residual in itertools.product((torch.float16, torch.bfloat16, torch.float32),
-                                                 (False, True)):
+        for dtype, residual in itertools.product(dtypes, (False, True)):
             with poisoned_allocations():  # every buffer tritonbn allocates starts poisoned
                 r = check(shape, layout, dtype, residual)
             print(json.dumps(r), flush=True)

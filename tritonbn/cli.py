@@ -48,7 +48,7 @@ def csv_choices(choices):
 
 def _add_bench(sub):
     from .perf import model, schema, shapes
-    from .perf.bench import DEFAULT_OPS, DTYPES, OPS, Options
+    from .perf.bench import COMPILE_MODES, DEFAULT_OPS, DTYPES, OPS, Options
 
     p = sub.add_parser("bench", help="time tritonbn against torch (cuDNN/native) and torch.compile",
                        description="Time BatchNorm passes of tritonbn, torch eager and torch.compile "
@@ -82,6 +82,14 @@ def _add_bench(sub):
     p.add_argument("--rep-ms", type=float, default=Options.rep_ms,
                    help="do_bench repetition time (GPU)")
     p.add_argument("--cpu-reps", type=int, default=Options.cpu_reps, help="timed runs per pass on the CPU")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=Options.compile_mode,
+                   help=f"torch.compile mode of the torch_compile baseline (default "
+                        f"{Options.compile_mode}; 'default' compiles in seconds rather than "
+                        "minutes); recorded in each record")
+    p.add_argument("--skip-measured", nargs="+", default=(), metavar="PATH",
+                   help="results files or directories (searched recursively): skip cases whose "
+                        "records for every requested impl and pass are there, checked, from "
+                        "this GPU (so several runs add up)")
     p.add_argument("--seed", type=int, default=Options.seed)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -107,6 +115,7 @@ def _bench(args, argv) -> int:
     opts = Options(device=args.device, sets=args.shapes, dtypes=args.dtypes, layouts=args.layouts,
                    ops=ops, passes=args.passes, impls=args.impls, warmup_ms=args.warmup_ms,
                    rep_ms=args.rep_ms, cpu_reps=args.cpu_reps, budget_s=args.budget_s,
+                   compile_mode=args.compile_mode, skip_measured=tuple(args.skip_measured),
                    seed=args.seed, progress=not args.no_progress, argv=list(argv))
     return run(opts, args.out, append=args.append)
 

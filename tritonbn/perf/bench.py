@@ -26,6 +26,7 @@ bytes read + bytes written (``copy_bandwidth``).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import platform
@@ -49,6 +50,8 @@ OPS = model.OPS
 # residual tail relu(bn(x) + z); the other activations move bn_relu's bytes
 DEFAULT_OPS = ("bn", "bn_relu", "bn_add_relu")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
+# torch.compile modes --compile-mode takes ("default" compiles in seconds, not minutes)
+COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduce-overhead")
 EPS = 1e-5
 
 # Largest |impl - reference| / max |reference| over an output that still passes:
@@ -69,6 +72,8 @@ class Options:
     rep_ms: float = 100.0
     cpu_reps: int = 3
     budget_s: float | None = None
+    compile_mode: str = COMPILE_MODE
+    skip_measured: tuple = ()  # results files or directories: cases measured there are skipped
     seed: int = 0
     progress: bool = True
     argv: list = field(default_factory=list)
@@ -142,10 +147,12 @@ def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tenso
     with torch.no_grad():
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
-    if impl == "torch_compile":
-        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no fallback to eager
-        mod = torch.compile(mod, mode=COMPILE_MODE, dynamic=False)
     return mod, bn
+
+
+def compiled(mod: nn.Module, mode: str) -> nn.Module:
+    torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no fallback to eager
+    return torch.compile(mod, mode=mode, dynamic=False)
 
 
 def torch_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -329,6 +336,8 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
 def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
              x, dy, weight, bias, z, ref):
     mod, bn = build(impl, op, x.dim(), weight, bias)
+    if impl == "torch_compile":
+        mod = compiled(mod, opts.compile_mode)
     # autograd over every input, the residual's too: its dz is part of the bwd pass
     inputs = [x, bn.weight, bn.bias] if z is None else [x, z, bn.weight, bn.bias]
     call = (lambda: mod(x)) if z is None else (lambda: mod(x, z))
@@ -344,6 +353,7 @@ def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpre
         backend = "triton-interpreter" if interpreted else "triton"
     elif impl == "torch_compile":
         backend = "inductor"
+        extra["compile_mode"] = opts.compile_mode
     else:
         backend = torch_backend(x, weight)
         extra["backend_source"] = "rule"
@@ -401,7 +411,33 @@ def plan(opts: Options, tiny: bool) -> list[tuple]:
     return todo
 
 
-def environment(device: torch.device, interpreted: bool) -> dict:
+def measured_ids(paths, device: str) -> set:
+    """record_ids of the checked (ok) records in results files of `device` (GPU runs
+    only): each path a results JSON or a directory searched recursively."""
+    from .report import load
+
+    files = []
+    for p in paths:
+        files += sorted(glob.glob(os.path.join(p, "**", "*.json"), recursive=True)) \
+            if os.path.isdir(p) else [p] if os.path.exists(p) else []
+    ids = set()
+    for f in files:
+        try:
+            doc = load(f)
+        except (ValueError, OSError):
+            continue  # not a results file (a dataset, a log)
+        if doc["device"] == device and not doc["interpreter"]:
+            ids |= {schema.record_id(r) for r in doc["records"] if r["ok"]}
+    return ids
+
+
+def already_measured(case, layout, dtype, op, opts: Options, ids: set) -> bool:
+    """Whether every (impl, pass) this run would time for the case is in ids."""
+    base = (case.set, tuple(case.shape), layout, dtype, op)
+    return bool(ids) and all(base + (p, impl) in ids for impl in opts.impls for p in opts.passes)
+
+
+def environment(device: torch.device, interpreted: bool, compile_mode: str = COMPILE_MODE) -> dict:
     import triton
 
     if device.type == "cuda":
@@ -418,7 +454,7 @@ def environment(device: torch.device, interpreted: bool) -> dict:
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": schema.INTERPRETER_MODE if interpreted else "gpu",
-            "interpreter": interpreted, "compile_mode": COMPILE_MODE,
+            "interpreter": interpreted, "compile_mode": compile_mode,
             "tuning": _tuning_state(name if device.type == "cuda" else None), **hw}
 
 
@@ -473,7 +509,7 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
               "set TRITON_INTERPRET=1 before triton is imported (the `tritonbn` command does).",
               file=sys.stderr)
         return 2
-    env = environment(device, interpreted)
+    env = environment(device, interpreted, opts.compile_mode)
     out = out or default_out(env)
     t_start = time.monotonic()
     torch.manual_seed(opts.seed)
@@ -483,6 +519,13 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
     if append and os.path.exists(out):
         doc = _merge(doc, out)
     todo = plan(opts, tiny=interpreted)
+    if opts.skip_measured:
+        ids = measured_ids(opts.skip_measured, env["device"])
+        skipped = [t for t in todo if already_measured(*t, opts, ids)]
+        todo = [t for t in todo if not already_measured(*t, opts, ids)]
+        doc["runs"][-1]["cases_skipped"] = len(skipped)
+        print(f"{len(skipped)} cases already measured on {env['device']} in "
+              f"{', '.join(opts.skip_measured)}: skipped", flush=True)
     doc["complete"] = False
     doc["runs"][-1].update(cases_run=0, cases_planned=len(todo))
     _write(schema.validate(doc), out)  # fail now, not after the run, if out is not writable

@@ -46,9 +46,10 @@ def load(path: str) -> dict:
 
 
 def newest_gpu_results(directory: str) -> str | None:
-    """The results file in directory with the latest date that came from a GPU, if any."""
+    """The results file under directory (searched recursively: gpu_check puts each lease
+    in perf/results/<date>-<gpu>/) with the latest date that came from a GPU, if any."""
     best = None
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+    for path in sorted(glob.glob(os.path.join(directory, "**", "*.json"), recursive=True)):
         try:
             doc = load(path)
         except (ValueError, OSError):
@@ -78,6 +79,14 @@ def _table(header, rows) -> list[str]:
     return out
 
 
+def _compile_modes(doc: dict) -> str:
+    """The modes the torch_compile records ran with (each record says; older files only
+    say it once, for the whole run)."""
+    modes = sorted({r.get("compile_mode", doc.get("compile_mode", "–")) for r in doc["records"]
+                    if r["impl"] == "torch_compile"})
+    return ", ".join(modes) if modes else doc.get("compile_mode", "–")
+
+
 def markdown(doc: dict, plots: dict) -> str:
     records = doc["records"]
     lines = ["# tritonbn performance report", ""]
@@ -91,7 +100,7 @@ def markdown(doc: dict, plots: dict) -> str:
     env = [("device", doc["device"]), ("torch", doc["torch"]), ("triton", doc["triton"]),
            ("cuDNN", doc["cudnn"]), ("date", doc["date"]), ("mode", doc["mode"]),
            ("copy ceiling", f"{doc['copy_gbps']:.0f} GB/s (device-to-device copy, read + write, same run)"),
-           ("torch.compile mode", doc.get("compile_mode", "–")),
+           ("torch.compile mode", _compile_modes(doc)),
            ("tritonbn launch configs", doc.get("tuning", "–")),
            ("records", len(records))]
     lines += _table(("", ""), env) + [""]
