@@ -25,45 +25,54 @@ def test_ci_runs_the_readme_main_job_and_the_bench_smoke():
                for line in ci_lines)
 
 
-def test_gpu_check_script_parses_and_runs_every_stage_it_lists():
+def test_gpu_check_script_parses_and_lists_every_stage_with_its_limit():
+    """perf/gpu_check.sh hands over to perf/gpu_check.py, whose docstring (the page a
+    session reads before a lease) names every stage with its limit."""
+    import importlib.util
     import subprocess
+    import sys
 
     script = ROOT / "perf" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    text = script.read_text()
-    default = re.search(r'stages=" \$\{\*:-([a-z ]+)\} "', text)
-    assert default, "gpu_check.sh lost its default stage list"
-    for name in default.group(1).split():
-        assert f"if want {name}; then" in text
-        assert re.search(rf"^#\s+{name}\s", text, re.M), f"stage {name} not in the header"
-    assert "TRITONBN_CACHE_DIR=" in text and "--export" in text
+    assert "gpu_check.py" in script.read_text()
+    spec = importlib.util.spec_from_file_location("gpu_check_doc", ROOT / "perf" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check_doc"] = gc
+    spec.loader.exec_module(gc)
+    for stage in gc.STAGES:
+        assert re.search(rf"\b{stage.name}\b", gc.__doc__), f"stage {stage.name} not documented"
+        if stage.default:  # its line in the table ends with its limit
+            limit = re.search(rf"(?ms)^  {stage.name}\s.*?\s(\d+)$", gc.__doc__)
+            assert limit and int(limit.group(1)) == stage.limit_s, stage.name
+    readme = (ROOT / "README.md").read_text()
+    assert "gpu_check.sh" in readme and "unpack" in readme
 
 
 def test_gpu_check_stages_fit_the_session_and_bench_valid_ops():
-    """Each stage's `timeout` matches its header limit, all of them fit ~9 minutes, every
-    --ops the script passes is a bench op, and the residual stage benches bn_add_relu
-    against torch on resnet50, channels_last, fp16 and bf16."""
+    """From the dry run: the stage limits fit ~9 minutes, each command's own budget
+    fits its stage, every --ops passed is a bench op, and the wider stage benches
+    bn_relu and bn_add_relu against torch on resnet50, both layouts, fp16 and bf16."""
+    import subprocess
+    import sys
+
     from tritonbn.perf import model
 
-    text = (ROOT / "perf" / "gpu_check.sh").read_text()
-    stages = re.search(r'stages=" \$\{\*:-([a-z ]+)\} "', text).group(1).split()
+    dry = subprocess.run([sys.executable, str(ROOT / "perf" / "gpu_check.py"), "OUT", "--dry-run"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert dry.returncode == 0, dry.stderr
     total = 0
-    for name in stages:
-        limit = re.search(rf"^#\s+{name}\s.*?<=\s*(\d+) s$", text, re.M | re.S)
-        body = text.split(f"if want {name}; then", 1)[1].split("\nfi\n", 1)[0]
-        timeout = re.search(r"timeout (\d+) ", body)
-        assert limit and timeout, name
-        assert int(limit.group(1)) == int(timeout.group(1)), name
-        budget = re.search(r"--budget-s (\d+)", body)
-        assert budget is None or int(budget.group(1)) + 10 <= int(timeout.group(1)), name
-        total += int(timeout.group(1))
+    for block in re.split(r"\n(?=[a-z]+ +\d+ s\n)", dry.stdout.split("total of stage")[0]):
+        name, limit = re.match(r"([a-z]+) +(\d+) s", block).groups()
+        total += int(limit)
+        for budget in re.findall(r"--budget-s (\d+)", block):  # a command's own budget
+            assert int(budget) + 5 <= int(limit), name  # leaves it time to write its files
+        for ops in re.findall(r"--ops ([a-z_,]+)", block):
+            assert set(ops.split(",")) <= set(model.OPS), ops
     assert total <= 540, f"stages add up to {total} s"
-    for ops in re.findall(r"--ops ([a-z_,]+)", text):
-        assert set(ops.split(",")) <= set(model.OPS), ops
-    body = text.split("if want residual; then", 1)[1].split("\nfi\n", 1)[0]
-    for opt in ("--ops bn_add_relu", "--shapes resnet50 ", "--layouts channels_last",
-                "--dtypes float16,bfloat16", "--impls tritonbn,torch"):
-        assert opt in body, opt
+    wider = dry.stdout.split("\nwider ")[1].split("\ntune ")[0]
+    for opt in ("--ops bn_relu,bn_add_relu", "--shapes resnet50 ", "--layouts channels_last,NCHW",
+                "--dtypes float16,bfloat16", "--impls tritonbn,torch", "--skip-measured"):
+        assert opt in wider, opt
 
 
 def test_demo_runs_from_a_shell_without_triton_interpret():
