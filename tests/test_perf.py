@@ -595,6 +595,7 @@ def test_bench_times_tritonbn_on_heuristic_configs_next_to_tuned(monkeypatch, tm
                                   for k in heuristics.TILE_KERNELS})
     chosen = []
     real_plan = ops.plan
+    monkeypatch.setattr(ops, "_plans", {})  # every launch signature is planned afresh here
     monkeypatch.setattr(ops, "plan", lambda v, cfg: chosen.append(cfg) or real_plan(v, cfg))
     opts = bench.Options(device=DEVICE, impls=("tritonbn", "tritonbn_heuristic"), cpu_reps=1,
                          passes=("fwd",))

@@ -107,7 +107,7 @@ SHAPES = [((256, 64, 56, 56), torch.channels_last), ((256, 64, 56, 56), torch.co
 def test_search_space_is_valid_and_starts_from_the_default(shape, fmt, dtype):
     x, v = kernel_view(torch.empty(shape, dtype=dtype, device="meta").to(memory_format=fmt))
     s = x.element_size()
-    pow2 = heuristics.triton.next_power_of_2
+    pow2 = heuristics.pow2
     for kernel in heuristics.TILE_KERNELS:
         base = heuristics.heuristic(kernel, v, s, x.device, False)  # 132 SMs off the GPU
         round1 = space.tile_candidates(kernel, v, s, 132, base)
@@ -412,6 +412,7 @@ def test_mode_0_never_tunes_and_uses_tuned_configs(monkeypatch):
     put(tuning.store(GPU), "stats", xk, v, tuned)
     used = []
     real_plan = ops.plan
+    monkeypatch.setattr(ops, "_plans", {})  # every launch signature is planned afresh here
     monkeypatch.setattr(ops, "plan", lambda v, cfg: used.append(cfg) or real_plan(v, cfg))
     bn, ref = tritonbn.BatchNorm2d(6, activation="relu"), torch.nn.BatchNorm2d(6, dtype=torch.float64)
     with tuning.simulate_gpu(FakeTimer(), gpu=GPU):

@@ -16,9 +16,19 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .layout import View
+
+
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in recent Triton, several µs per host call (issue 14: host time).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n, as triton.next_power_of_2 (0 for n <= 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 # The six kernels with launch parameters of their own, by the name configs are kept under.
 TILE_KERNELS = ("stats", "normalize", "bwd_reduce", "dx")  # grid: channel blocks x splits
@@ -56,13 +66,13 @@ def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
     """Grid, tile arguments and launch meta-parameters for a tile kernel over v."""
     if v.channel_last:
         n_inner_tiles = 1
-        n_tiles = triton.cdiv(v.outer, cfg.BLOCK_M)
+        n_tiles = cdiv(v.outer, cfg.BLOCK_M)
     else:
-        n_inner_tiles = triton.cdiv(v.inner, cfg.BLOCK_M)
+        n_inner_tiles = cdiv(v.inner, cfg.BLOCK_M)
         n_tiles = v.outer * n_inner_tiles
-    per_split = triton.cdiv(n_tiles, max(1, min(cfg.split, n_tiles)))
-    split = triton.cdiv(n_tiles, per_split)  # no empty split
-    grid = (triton.cdiv(v.C, cfg.BLOCK_C), split)
+    per_split = cdiv(n_tiles, max(1, min(cfg.split, n_tiles)))
+    split = cdiv(n_tiles, per_split)  # no empty split
+    grid = (cdiv(v.C, cfg.BLOCK_C), split)
     args = dict(n_inner_tiles=n_inner_tiles, n_tiles=n_tiles, tiles_per_split=per_split)
     meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
@@ -71,7 +81,7 @@ def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
 
 def plan_combine(C: int, cfg: CombineConfig) -> tuple[tuple[int], dict]:
     """Grid and launch meta-parameters for a combine kernel over C channels."""
-    return (triton.cdiv(C, cfg.BLOCK_C),), dict(BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,
+    return (cdiv(C, cfg.BLOCK_C),), dict(BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,
                                                  num_warps=cfg.num_warps)
 
 
@@ -91,16 +101,17 @@ def programs_per_sm(kernel: str) -> int:
 
 def split_for(kernel: str, v: View, BLOCK_C: int, programs: int) -> int:
     """Splits of the reduced axis giving about `programs` programs in all."""
-    split = max(1, programs // triton.cdiv(v.C, BLOCK_C))
+    split = max(1, programs // cdiv(v.C, BLOCK_C))
     if kernel in REDUCE_KERNELS:
         split = min(split, 1024)  # keeps the combine's sweep short
     return split
 
 
+@functools.lru_cache(maxsize=4096)
 def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interpret: bool) -> Config:
-    """The default launch of a tile kernel (see TILE_KERNELS) over v."""
+    """The default launch of a tile kernel (see TILE_KERNELS) over v (memoized: it runs
+    before every launch that has no tuned config)."""
     tile = 8192 if interpret else (2048 if elem_size >= 4 else 4096)
-    pow2 = triton.next_power_of_2
     if v.channel_last:
         # rows of at most 128 bytes of channels; the rest of the tile along rows
         BLOCK_C = min(pow2(v.C), max(1, 128 // elem_size) if not interpret else 64)
@@ -114,7 +125,7 @@ def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interp
     return Config(BLOCK_M, BLOCK_C, split, num_warps)
 
 
+@functools.lru_cache(maxsize=4096)
 def heuristic_combine(C: int, split: int) -> CombineConfig:
     """The default launch of a combine kernel over `split` partials of C channels."""
-    return CombineConfig(BLOCK_S=min(triton.next_power_of_2(split), 32),
-                         BLOCK_C=min(triton.next_power_of_2(C), 64))
+    return CombineConfig(BLOCK_S=min(pow2(split), 32), BLOCK_C=min(pow2(C), 64))

@@ -1,13 +1,14 @@
 """How an (N, C, *spatial) tensor is seen by the kernels: a strided (outer, C, inner) view."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class View:
+class View(NamedTuple):
+    """(outer, C, inner) sizes and strides; a tuple, so hashing it (a cache key in
+    front of every launch) is one C call."""
     outer: int
     C: int
     inner: int
@@ -64,18 +65,36 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
+# View (or None: no tiling fits) of every (shape, strides) seen; a pure function of
+# them, so cached (issue 14: host time per call), cleared past _MAX_VIEWS entries
+_views: dict = {}
+_MAX_VIEWS = 4096
+
+
+def _cached_view(x: torch.Tensor) -> View | None:
+    key = (x.shape, x.stride())
+    try:
+        return _views[key]
+    except KeyError:
+        if len(_views) >= _MAX_VIEWS:
+            _views.clear()
+        v = _views[key] = _view(x) if _dense(x) else None
+        return v
+    except TypeError:  # symbolic sizes (torch.compile's fake tensors): not hashable
+        return _view(x) if _dense(x) else None
+
+
 def kernel_view(x: torch.Tensor) -> tuple[torch.Tensor, View]:
     """x itself when it is dense and maps onto one of the two tilings, else a copy.
 
     Kernels write outputs with torch.empty_like(x), so outputs share x's strides
     (and memory format) exactly, and one View serves x, y, dy and dx.
     """
-    if _dense(x):
-        v = _view(x)
-        if v is not None:
-            return x, v
+    v = _cached_view(x)
+    if v is not None:
+        return x, v
     x = x.contiguous()
-    return x, _view(x)
+    return x, _cached_view(x)
 
 
 def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import functools
 import struct
 
 import torch
 import triton.language as tl
 
+from . import heuristics
 from . import kernels as K
 from . import tuning
 from .heuristics import (KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig,
@@ -45,15 +46,22 @@ GROUPS = {"reduce": REDUCE_KERNELS,
           "elementwise": tuple(k for k in TILE_KERNELS if k not in REDUCE_KERNELS)}
 
 
+def _kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(K.stats_partial_kernel, InterpretedFunction)
+
+
+# @triton.jit makes interpreted kernels when TRITON_INTERPRET is set at triton's import,
+# and only then: fixed for the process, so read once (it runs before every launch)
+_INTERPRETED = _kernels_interpreted()
+
+
 @torch.compiler.assume_constant_result  # torch.compile: read once while tracing, not traced
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton runs tritonbn's kernels through its CPU interpreter
+    (TRITON_INTERPRET=1 set before triton was imported)."""
+    return _INTERPRETED
 
 
 def uses_triton(x: torch.Tensor) -> bool:
@@ -85,28 +93,75 @@ def _acc(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _launch(kernel: str, x: torch.Tensor, v: View, mask: torch.Tensor | None = None):
-    """(grid, keyword arguments) of a tile kernel over x: the forced config, else
-    the tuned one for x's shape bucket, else the heuristic. With a bit mask, the
-    tile holds a multiple of 8 reduced-axis positions (whole bytes of the mask)."""
+# Each kernel's arguments after its pointers, in signature order (read at import,
+# before any tool wraps the kernels). Launches pass everything positionally: a
+# launch with keyword arguments costs several µs more on the host (issue 14).
+def _scalar_names(fn) -> tuple:
+    names = list(fn.arg_names)
+    first = next(i for i, n in enumerate(names) if not n.endswith("_ptr"))
+    assert not any(n.endswith("_ptr") for n in names[first:]), f"{fn}: pointers first"
+    return tuple(names[first:])
+
+
+_SCALARS = {name: _scalar_names(getattr(K, name)) for name in K.__all__}
+# (grid, scalar arguments, options) of every launch signature seen, built once per
+# signature: cleared when it grows past _MAX_PLANS (a model of ever-new shapes),
+# never consulted stale (the key holds everything the entry is made of).
+_plans: dict = {}
+_MAX_PLANS = 4096
+
+
+def _remember(key, value):
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = value
+    return value
+
+
+def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tuple = (),
+            names: tuple = ()):
+    """(grid, scalar arguments of fn in order, launch options) of a tile kernel over x:
+    the forced config, else the tuned one for x's shape bucket, else the heuristic;
+    extra gives the values of the kernel arguments named in names. With a bit mask,
+    the tile holds a multiple of 8 reduced-axis positions (whole bytes of the mask).
+    Cached per (kernel, view, config, mask, offsets, dtype, extra): a change in any
+    of them, a newly tuned config too, is a new entry."""
     cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting())
-    if mask is not None and cfg.BLOCK_M % 8:
-        cfg = dataclasses.replace(cfg, BLOCK_M=8, BLOCK_C=max(1, cfg.BLOCK_C * cfg.BLOCK_M // 8))
-    grid, tile_args, meta = plan(v, cfg)
-    kw = dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
-              s_inner=v.s_inner, CHANNEL_LAST=v.channel_last,
-              INT64=_overrides["int64"] or x.numel() >= 2**31,
-              ACC=_acc(x.dtype)[1], **tile_args, **meta)
-    return grid, kw
+    int64 = _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
+    key = (kernel, v, cfg, mask is not None, int64, x.dtype, extra)
+    hit = _plans.get(key)
+    if hit is None:
+        if mask is not None and cfg.BLOCK_M % 8:
+            cfg = dataclasses.replace(cfg, BLOCK_M=8, BLOCK_C=max(1, cfg.BLOCK_C * cfg.BLOCK_M // 8))
+        grid, tile_args, meta = plan(v, cfg)
+        m = mask_view(v) if mask is not None else View(1, 1, 1, 1, 1, 1, v.channel_last)
+        named = dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
+                     s_inner=v.s_inner, CHANNEL_LAST=v.channel_last, INT64=int64,
+                     ACC=_acc(x.dtype)[1], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"],
+                     M_OUTER=m.outer, M_INNER=m.inner, ms_outer=m.s_outer, ms_c=m.s_c,
+                     ms_inner=m.s_inner, count=v.count, **tile_args, **dict(zip(names, extra)))
+        hit = _remember(key, (grid, tuple(named[n] for n in _SCALARS[fn]),
+                              dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])))
+    return hit
 
 
-def _launch_combine(kernel: str, x: torch.Tensor, v: View, split: int):
-    """(grid, keyword arguments) of a combine kernel over `split` partials."""
+def _launch_combine(kernel: str, fn: str, x: torch.Tensor, v: View, split: int,
+                    extra: tuple = (), names: tuple = ()):
+    """(grid, scalar arguments of fn in order, launch options) of a combine kernel
+    over `split` partials; cached as _launch's are."""
     cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
-    grid, meta = plan_combine(v.C, cfg)
-    return grid, dict(ACC=_acc(x.dtype)[1], **meta)
+    key = (kernel, v.C, cfg, x.dtype, split, extra)
+    hit = _plans.get(key)
+    if hit is None:
+        grid, meta = plan_combine(v.C, cfg)
+        named = dict(C=v.C, SPLIT=split, ACC=_acc(x.dtype)[1], BLOCK_S=meta["BLOCK_S"],
+                     BLOCK_C=meta["BLOCK_C"], **dict(zip(names, extra)))
+        hit = _remember(key, (grid, tuple(named[n] for n in _SCALARS[fn]),
+                              dict(num_warps=meta["num_warps"])))
+    return hit
 
 
+@functools.lru_cache(maxsize=256)
 def _fp32_pair(value: float) -> tuple[float, float]:
     """value as hi + lo, both exact float32s, for float64 scalars in kernels."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
@@ -125,9 +180,9 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
 
 def stats_partials(x, v) -> torch.Tensor:
     """The stats kernel alone: per-split (mean, M2, count) of x, [3, split, C]."""
-    grid, kw = _launch("stats", x, v)
+    grid, args, opts = _launch("stats", "stats_partial_kernel", x, v)
     partials = torch.empty((3, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
-    K.stats_partial_kernel[grid](x, partials, **kw)
+    K.stats_partial_kernel[grid](x, partials, *args, **opts)
     return partials
 
 
@@ -166,23 +221,30 @@ def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked
         invstd = torch.empty_like(mean)
         count = torch.empty_like(mean) if count_out else None
     any_ = partials  # a valid pointer for the arguments a launch does not use
-    cgrid, ckw = _launch_combine("stats_combine", x, v, split)
-    K.stats_combine_kernel[cgrid](
+    grid, args, opts = _launch_combine(
+        "stats_combine", "stats_combine_kernel", x, v, split,
+        (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, partial_out is not None,
+         count is not None), _COMBINE_STATS)
+    K.stats_combine_kernel[grid](
         partials, mean if mean is not None else any_, invstd if invstd is not None else any_,
         running_mean if update else any_, running_var if update else any_,
         num_batches_tracked if from_nbt else any_,
         partial_out if partial_out is not None else any_, count if count is not None else any_,
-        v.C, split, *_fp32_pair(momentum or 0.0), float(eps),
-        UPDATE_RUNNING=update, MOMENTUM_FROM_NBT=from_nbt,
-        WRITE_PARTIAL=partial_out is not None, STORE_COUNT=count is not None, **ckw,
-    )
+        *args, **opts)
     return mean, invstd, count
 
 
-def _act_args(weight, bias, batch, eps, activation, slope) -> dict:
-    """Per-channel parameter flags shared by normalize and the backward kernels."""
-    return dict(eps=float(eps), slope=float(slope), FROM_VAR=not batch,
-                HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[activation])
+_COMBINE_STATS = ("momentum_hi", "momentum_lo", "eps", "UPDATE_RUNNING", "MOMENTUM_FROM_NBT",
+                  "WRITE_PARTIAL", "STORE_COUNT")
+
+
+# the per-channel parameter flags normalize and the backward kernels share (_act_args)
+_ACT = ("eps", "slope", "FROM_VAR", "HAS_W", "HAS_B", "ACT")
+
+
+def _act_args(weight, bias, batch, eps, activation, slope) -> tuple:
+    return (float(eps), float(slope), not batch, weight is not None, bias is not None,
+            ACTIVATIONS[activation])
 
 
 def mask_view(v: View) -> View:
@@ -200,24 +262,19 @@ def new_mask(x: torch.Tensor, v: View) -> torch.Tensor:
     return torch.empty(m.outer * m.C * m.inner, dtype=torch.uint8, device=x.device)
 
 
-def _mask_args(v: View, mask) -> dict:
-    m = mask_view(v) if mask is not None else View(1, 1, 1, 1, 1, 1, v.channel_last)
-    return dict(M_OUTER=m.outer, M_INNER=m.inner, ms_outer=m.s_outer, ms_c=m.s_c,
-                ms_inner=m.s_inner)
-
-
 def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slope=0.01,
               z=None, mask=None):
     """y = act((x - mean) * invstd * weight + bias [+ z]), in x's strides (z too).
     With `mask` (new_mask), also writes the bit of act'(pre) that RES_MASK reads."""
     y = torch.empty_like(x)
-    grid, kw = _launch("normalize", x, v, mask)
+    grid, args, opts = _launch(
+        "normalize", "normalize_kernel", x, v, mask,
+        (*_act_args(weight, bias, batch, eps, activation, slope), z is not None,
+         mask is not None), _ACT + ("HAS_RES", "WRITE_MASK"))
     K.normalize_kernel[grid](
         x, y, z if z is not None else x, mask if mask is not None else x,
         mean, s, weight if weight is not None else s, bias if bias is not None else s,
-        HAS_RES=z is not None, WRITE_MASK=mask is not None, **_mask_args(v, mask),
-        **_act_args(weight, bias, batch, eps, activation, slope), **kw,
-    )
+        *args, **opts)
     return y
 
 
@@ -263,17 +320,114 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
             mean, s, count = global_stats(x, v, running_mean, running_var,
                                           num_batches_tracked, momentum, eps, comm)
         return torch.empty_like(x), x, v, mean, s, None, count
-    mean, s, count = statistics(x, v, batch, running_mean, running_var, num_batches_tracked,
-                                momentum, eps, comm)
-    y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
-    return y, x, v, mean, s, mask, count
+    if comm is not None or tuning.autotuning():
+        mean, s, count = statistics(x, v, batch, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps, comm)
+        y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
+        return y, x, v, mean, s, mask, count
+    z = like(residual, x) if residual is not None else None
+    y, mean, s, mask = _forward_planned(x, v, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, batch, momentum, eps, activation,
+                                        slope, z)
+    return y, x, v, mean, s, mask, None
 
 
-def _res_args(x, v, z, mask) -> dict:
-    """Backward's view of the residual: the bit mask if there is one, else z, else nothing."""
+def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
+                     momentum, eps, activation, slope, z):
+    """forward's launches from a cached plan (issue 14: host time): the same kernels,
+    configs and arguments batch_stats and apply would launch, without rebuilding
+    them per call. Returns y, mean, s and the bit mask (or None)."""
+    p = _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum, eps,
+                      activation, slope, z is not None)
+    if p.from_nbt and num_batches_tracked is None:
+        raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
+    acc, dev = p.acc, x.device
+    if batch:
+        partials = torch.empty(p.partials, dtype=acc, device=dev)
+        g, a, o = p.stats
+        K.stats_partial_kernel[g](x, partials, *a, **o)
+        mean = torch.empty(v.C, dtype=acc, device=dev)
+        s = torch.empty(v.C, dtype=acc, device=dev)
+        g, a, o = p.combine
+        K.stats_combine_kernel[g](
+            partials, mean, s, running_mean if p.update else partials,
+            running_var if p.update else partials,
+            num_batches_tracked if p.from_nbt else partials, partials, partials, *a, **o)
+    else:
+        mean, s = running_mean, running_var
+    y = torch.empty_like(x)
+    mask = torch.empty(p.mask, dtype=torch.uint8, device=dev) if p.mask else None
+    g, a, o = p.normalize
+    K.normalize_kernel[g](
+        x, y, z if z is not None else x, mask if mask is not None else x,
+        mean, s, weight if weight is not None else s, bias if bias is not None else s, *a, **o)
+    return y, mean, s, mask
+
+
+class _FwdPlan:
+    """The launches of one forward signature, built once: (grid, scalar arguments,
+    options) of each kernel, the shapes to allocate, and the running-stat flags."""
+    __slots__ = ("acc", "partials", "stats", "combine", "normalize", "mask", "update",
+                 "from_nbt")
+
+
+def _select(kernel, x, v, split=None):
+    return _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
+
+
+def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum, eps,
+                  activation, slope, has_z) -> _FwdPlan:
+    """The cached plan of this forward signature. Its key holds every input of the
+    plan: the view, dtype, device, flags, scalars and each kernel's selected config,
+    so a newly tuned config, a forced one or other strides make a new plan."""
+    update = batch and running_mean is not None and running_var is not None
+    from_nbt = update and momentum is None
+    if batch:
+        cfg_s = _select("stats", x, v)
+        split = _split(v, cfg_s)
+        cfgs = (cfg_s, _select("stats_combine", x, v, split), _select("normalize", x, v))
+    else:
+        cfgs = (_select("normalize", x, v),)
+    key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, momentum, eps, activation,
+           slope, weight is not None, bias is not None, has_z, _overrides["int64"], cfgs)
+    p = _plans.get(key)
+    if p is not None:
+        return p
+    p = _FwdPlan()
+    p.acc, p.update, p.from_nbt = _acc(x.dtype)[0], update, from_nbt
+    if batch:
+        p.stats = _launch("stats", "stats_partial_kernel", x, v)
+        split = p.stats[0][1]
+        p.partials = (3, split, v.C)
+        p.combine = _launch_combine(
+            "stats_combine", "stats_combine_kernel", x, v, split,
+            (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, False, False),
+            _COMBINE_STATS)
+    mask = residual_mode(activation, has_z) == RES_MASK
+    if mask:
+        m = mask_view(v)
+        p.mask = m.outer * m.C * m.inner
+    else:
+        p.mask = 0
+    p.normalize = _launch(
+        "normalize", "normalize_kernel", x, v, x if mask else None,
+        (*_act_args(weight, bias, batch, eps, activation, slope), has_z, mask),
+        _ACT + ("HAS_RES", "WRITE_MASK"))
+    return _remember(key, p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(v: View, cfg) -> int:
+    """The splits (partials) a tile kernel's launch on cfg writes: its grid's 2nd axis
+    (what a combine's config is selected for, before the reduce's plan exists)."""
+    return heuristics.plan(v, cfg)[0][1]
+
+
+def _res(x, z, mask) -> tuple:
+    """Backward's view of the residual: (z pointer, mask pointer, RES): the bit mask if
+    there is one, else z, else nothing."""
     res = RES_MASK if mask is not None else RES_RELOAD if z is not None else RES_NONE
-    return dict(z_ptr=z if res == RES_RELOAD else x, mask_ptr=mask if res == RES_MASK else x,
-                RES=res, **_mask_args(v, mask))
+    return z if res == RES_RELOAD else x, mask if res == RES_MASK else x, res
 
 
 def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need_dw, need_db,
@@ -289,13 +443,14 @@ def grad_sums(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, nee
 def grad_partials(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slope=0.01,
                   z=None, mask=None) -> torch.Tensor:
     """The bwd_reduce kernel alone: per-split (sum dy', sum dy' * xhat), [2, split, C]."""
-    grid, kw = _launch("bwd_reduce", x, v, mask)
+    z_ptr, mask_ptr, res = _res(x, z, mask)
+    grid, args, opts = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask,
+                               (*_act_args(weight, bias, batch, eps, activation, slope), res),
+                               _ACT + ("RES",))
     partials = torch.empty((2, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
-    K.bwd_reduce_kernel[grid](x_ptr=x, dy_ptr=dy, mean_ptr=mean, s_ptr=s,
-                              w_ptr=weight if weight is not None else s,
-                              b_ptr=bias if bias is not None else s, partials_ptr=partials,
-                              **_res_args(x, v, z, mask),
-                              **_act_args(weight, bias, batch, eps, activation, slope), **kw)
+    K.bwd_reduce_kernel[grid](x, dy, z_ptr, mask_ptr, mean, s,
+                              weight if weight is not None else s,
+                              bias if bias is not None else s, partials, *args, **opts)
     return partials
 
 
@@ -305,11 +460,10 @@ def combine_grads(x, v, partials, weight, bias, need_dw, need_db):
     sums = torch.empty((2, v.C), dtype=partials.dtype, device=x.device)
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
-    cgrid, ckw = _launch_combine("bwd_combine", x, v, split)
-    K.bwd_combine_kernel[cgrid](
-        partials, sums, dw if need_dw else sums, db if need_db else sums, v.C, split,
-        HAS_DW=need_dw, HAS_DB=need_db, **ckw,
-    )
+    grid, args, opts = _launch_combine("bwd_combine", "bwd_combine_kernel", x, v, split,
+                                       (need_dw, need_db), ("HAS_DW", "HAS_DB"))
+    K.bwd_combine_kernel[grid](partials, sums, dw if need_dw else sums, db if need_db else sums,
+                               *args, **opts)
     return sums, dw, db
 
 
@@ -319,17 +473,16 @@ def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activati
     the same dy (SyncBatchNorm: summed over every process, with their count per
     channel). Also writes dz = dy', the residual's grad, into dz when given."""
     dx = torch.empty_like(x) if need_dx else None
-    grid, kw = _launch("dx", x, v, mask)
+    z_ptr, mask_ptr, res = _res(x, z, mask)
+    grid, args, opts = _launch(
+        "dx", "bwd_dx_kernel", x, v, mask,
+        (*_act_args(weight, bias, batch, eps, activation, slope), res, count is not None,
+         batch and need_dx, need_dx, dz is not None),
+        _ACT + ("RES", "COUNT_FROM_PTR", "TRAINING", "WRITE_DX", "WRITE_DZ"))
     K.bwd_dx_kernel[grid](
-        x_ptr=x, dy_ptr=dy, dx_ptr=dx if need_dx else x, dz_ptr=dz if dz is not None else x,
-        mean_ptr=mean, s_ptr=s, w_ptr=weight if weight is not None else s,
-        b_ptr=bias if bias is not None else s, sums_ptr=sums if sums is not None else s,
-        count=v.count, count_ptr=count if count is not None else s,
-        COUNT_FROM_PTR=count is not None,
-        TRAINING=batch and need_dx, WRITE_DX=need_dx, WRITE_DZ=dz is not None,
-        **_res_args(x, v, z, mask), **_act_args(weight, bias, batch, eps, activation, slope),
-        **kw,
-    )
+        x, dy, z_ptr, mask_ptr, dx if need_dx else x, dz if dz is not None else x,
+        mean, s, weight if weight is not None else s, bias if bias is not None else s,
+        sums if sums is not None else s, count if count is not None else s, *args, **opts)
     return dx
 
 
@@ -360,6 +513,11 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
     reduce = need_dw or need_db or (need_dx and batch)
     elementwise = need_dx or need_dz
+    if comm is None and not tuning.autotuning():
+        dx, dw, db, dz2 = _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps,
+                                            activation, slope, z, mask, need_dx, need_dw,
+                                            need_db, need_dz, reduce)
+        return dx, dw, db, dz2 if need_dz else dz
     kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if elementwise else ())
     tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
                         activation=activation, dy=dy)
@@ -376,4 +534,67 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         dx = grad_input(dy, x, v, mean, s, weight, bias, sums, batch, eps, activation,
                         slope=slope, z=z, mask=mask, need_dx=need_dx,
                         dz=dz if need_dz else None, count=count if sync else None)
+    return dx, dw, db, dz
+
+
+class _BwdPlan:
+    """The launches of one backward signature, built once (as _FwdPlan)."""
+    __slots__ = ("acc", "partials", "reduce", "combine", "dx")
+
+
+def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
+                      need_dx, need_dw, need_db, need_dz, reduce):
+    """backward's launches from a cached plan (issue 14: host time): the same kernels,
+    configs and arguments grad_sums and grad_input would launch, without rebuilding
+    them per call. Its key, like _forward_plan's, holds everything the plan is made of."""
+    elementwise = need_dx or need_dz
+    cfgs = ()
+    if reduce:
+        cfg_r = _select("bwd_reduce", x, v)
+        cfgs = (cfg_r, _select("bwd_combine", x, v, _split(v, cfg_r)))
+    if elementwise:
+        cfgs += (_select("dx", x, v),)
+    key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
+           bias is not None, z is not None, mask is not None, need_dx, need_dw, need_db, need_dz,
+           reduce, _overrides["int64"], cfgs)
+    p = _plans.get(key)
+    if p is None:
+        p = _BwdPlan()
+        p.acc = _acc(x.dtype)[0]
+        act = _act_args(weight, bias, batch, eps, activation, slope)
+        res = RES_MASK if mask is not None else RES_RELOAD if z is not None else RES_NONE
+        if reduce:
+            p.reduce = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask, (*act, res),
+                               _ACT + ("RES",))
+            split = p.reduce[0][1]
+            p.partials = (2, split, v.C)
+            p.combine = _launch_combine("bwd_combine", "bwd_combine_kernel", x, v, split,
+                                        (need_dw, need_db), ("HAS_DW", "HAS_DB"))
+        if elementwise:
+            p.dx = _launch("dx", "bwd_dx_kernel", x, v, mask,
+                           (*act, res, False, batch and need_dx, need_dx, need_dz),
+                           _ACT + ("RES", "COUNT_FROM_PTR", "TRAINING", "WRITE_DX", "WRITE_DZ"))
+        _remember(key, p)
+    z_ptr = z if z is not None else x
+    mask_ptr = mask if mask is not None else x
+    w = weight if weight is not None else s
+    b = bias if bias is not None else s
+    sums = dx = dw = db = dz = None
+    if reduce:
+        partials = torch.empty(p.partials, dtype=p.acc, device=x.device)
+        g, a, o = p.reduce
+        K.bwd_reduce_kernel[g](x, dy, z_ptr, mask_ptr, mean, s, w, b, partials, *a, **o)
+        sums = torch.empty((2, v.C), dtype=p.acc, device=x.device)
+        dw = torch.empty_like(weight) if need_dw else None
+        db = torch.empty_like(bias) if need_db else None
+        g, a, o = p.combine
+        K.bwd_combine_kernel[g](partials, sums, dw if need_dw else sums, db if need_db else sums,
+                                *a, **o)
+    if elementwise:
+        dx = torch.empty_like(x) if need_dx else None
+        dz = torch.empty_like(x) if need_dz else None
+        g, a, o = p.dx
+        K.bwd_dx_kernel[g](x, dy, z_ptr, mask_ptr, dx if need_dx else x,
+                           dz if need_dz else x, mean, s, w, b,
+                           sums if sums is not None else s, s, *a, **o)
     return dx, dw, db, dz

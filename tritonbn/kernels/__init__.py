@@ -6,6 +6,8 @@ axis by ``BLOCK_C`` channels. ``CHANNEL_LAST`` (a constexpr) picks how a tile
 index maps to memory: rows of the contiguous ``C`` axis (channels_last, (N, C))
 or a block of the contiguous spatial axis for one ``outer`` index (NCHW, NCL).
 All kernels run on a grid of (channel blocks) x (splits of the tile range).
+Every kernel takes its pointers (``*_ptr``) first, then its scalars and
+constexprs: the host passes them all positionally (ops.py).
 """
 from .backward import bwd_combine_kernel, bwd_dx_kernel, bwd_reduce_kernel
 from .normalize import normalize_kernel

@@ -100,8 +100,9 @@ def bwd_combine_kernel(
 @triton.jit
 def bwd_dx_kernel(
     x_ptr, dy_ptr, z_ptr, mask_ptr, dx_ptr, dz_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
+    count_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
-    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner, count, count_ptr,
+    M_OUTER, M_INNER, ms_outer, ms_c, ms_inner, count,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,

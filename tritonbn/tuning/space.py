@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
-from ..heuristics import (KERNELS, TILE_KERNELS, CombineConfig,
-                          Config, programs_per_sm, split_for)
+from ..heuristics import (KERNELS, TILE_KERNELS, CombineConfig, Config, pow2, programs_per_sm,
+                          split_for)
 from ..layout import View
 
 _TILE = dict(
@@ -48,7 +47,6 @@ TILINGS = ("channel_last", "channel_first")
 
 def bucket(kernel: str, dtype: torch.dtype, v: View) -> str:
     """The key a config is kept under, e.g. 'stats|float16|channel_last|256|1048576|1'."""
-    pow2 = triton.next_power_of_2
     tiling = TILINGS[0] if v.channel_last else TILINGS[1]
     inner = 1 if v.channel_last else pow2(v.inner)
     return f"{kernel}|{DTYPE_NAMES[dtype]}|{tiling}|{v.C}|{pow2(v.count)}|{inner}"
@@ -76,7 +74,6 @@ def _pow2_at_most(n: int) -> int:
 def tile_candidates(kernel: str, v: View, elem_size: int, sms: int, base: Config) -> list[Config]:
     """Round 1 for a tile kernel: tile shapes and warps, default stages and split."""
     sp = SPACE[kernel]
-    pow2 = triton.next_power_of_2
     out = []
     for tile in sp["tile"]:
         runs = sp["channel_last_bytes" if v.channel_last else "channel_first_bytes"]
@@ -106,7 +103,6 @@ def launch_candidates(kernel: str, v: View, sms: int, best: Config) -> list[Conf
 def combine_candidates(kernel: str, C: int, split: int, base: CombineConfig) -> list[CombineConfig]:
     """A combine kernel's space, blocks clamped to the split x C partials."""
     sp = SPACE[kernel]
-    pow2 = triton.next_power_of_2
     out = [CombineConfig(min(bs, pow2(split)), min(bc, pow2(C)), w)
            for bs in sp["BLOCK_S"] for bc in sp["BLOCK_C"] for w in sp["num_warps"]]
     return _unique([base] + out)
