@@ -1,7 +1,8 @@
-"""torch.autograd.Function over the host ops, for SyncBatchNorm across processes:
-its collectives (an object with gather and reduce) cannot be an argument of a
-torch.library op. Every other call goes through the custom ops of library.py,
-which save the same tensors.
+"""torch.autograd.Function over the host ops: every eager call (and SyncBatchNorm
+across processes, whose collectives, an object with gather and reduce, run from
+Python between the kernels). torch.compile goes through the custom ops of
+library.py instead, which launch the same kernels and save the same tensors, so
+both give the same results bit for bit (tests/test_host.py).
 
 Saves x and the per-channel stats, and, after a residual add, what
 ops.residual_mode picks: the 1-bit mask (relu, leaky_relu), the residual itself
@@ -15,28 +16,80 @@ from torch.autograd.function import once_differentiable
 from . import ops
 
 
+class Spec:
+    """What a call knows besides its differentiable inputs (x, weight, bias, residual):
+    one argument instead of nine, since autograd looks at each argument of apply."""
+    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "batch", "momentum",
+                 "eps", "activation", "slope", "comm")
+
+    def __init__(self, running_mean, running_var, num_batches_tracked, batch, momentum, eps,
+                 activation, slope, comm=None):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.num_batches_tracked, self.batch, self.momentum = num_batches_tracked, batch, momentum
+        self.eps, self.activation, self.slope, self.comm = eps, activation, slope, comm
+
+
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                batch, momentum, eps, activation, slope, comm=None):
-        """comm: None, or SyncBatchNorm's collectives (distributed.py) for statistics
-        over every process's batch."""
+    def forward(ctx, x, weight, bias, residual, spec: Spec):
         y, xk, v, mean, s, mask, count = ops.forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, batch, momentum,
-            eps, activation, residual=residual, slope=slope, comm=comm)
-        mode = ops.residual_mode(activation, residual is not None)
-        ctx.save_for_backward(xk, weight, bias, mean, s,
-                              mask if mode == ops.RES_MASK else None,
+            x, weight, bias, spec.running_mean, spec.running_var, spec.num_batches_tracked,
+            spec.batch, spec.momentum, spec.eps, spec.activation, residual=residual,
+            slope=spec.slope, comm=spec.comm)
+        mode = ops.residual_mode(spec.activation, residual is not None)
+        ctx.save_for_backward(xk, weight, bias, mean, s, mask if mode == ops.RES_MASK else None,
                               residual if mode == ops.RES_RELOAD else None, count)
-        ctx.view, ctx.batch, ctx.eps, ctx.activation, ctx.slope = v, batch, eps, activation, slope
-        ctx.comm = comm
+        ctx.view, ctx.spec = v, spec
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, mean, s, mask, residual, count = ctx.saved_tensors
-        dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, ctx.batch, ctx.eps,
-                                      ctx.activation, ctx.needs_input_grad[:4], slope=ctx.slope,
-                                      residual=residual, mask=mask, comm=ctx.comm, count=count)
-        return dx, dw, db, dz, None, None, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: no double backward, as torch says
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy):
+    """The kernels' backward; grad mode is off (autograd's default in backward), so
+    nothing here records a graph."""
+    x, weight, bias, mean, s, mask, residual, count = ctx.saved_tensors
+    spec = ctx.spec
+    dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, spec.batch, spec.eps,
+                                  spec.activation, ctx.needs_input_grad[:4], slope=spec.slope,
+                                  residual=residual, mask=mask, comm=spec.comm, count=count)
+    return dx, dw, db, dz, None
+
+
+_backward_once = once_differentiable(_backward)
+
+
+def _c_apply():
+    """autograd's own apply of BatchNormFunction, without Function.apply's Python
+    wrapper (argument binding for setup_context, functorch unwrapping: ~5 µs of a
+    call's host time); None where this torch does not expose it so."""
+    try:
+        apply = super(torch.autograd.Function, BatchNormFunction).apply
+    except AttributeError:
+        return None
+    return apply if callable(apply) else None
+
+
+_C_APPLY = _c_apply()
+
+
+def batch_norm(x, weight, bias, residual, spec: Spec):
+    """BatchNormFunction.apply(x, weight, bias, residual, spec): y, differentiable in
+    x, weight, bias and residual; running stats updated in place. Where nothing will
+    be differentiated (no grad mode, or no input requiring grad: eval, inference) the
+    kernels run without autograd's bookkeeping, to the same y."""
+    if not (torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad))):
+        return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
+                           spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
+                           spec.activation, residual=residual, slope=spec.slope,
+                           comm=spec.comm)[0]
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+        return BatchNormFunction.apply(x, weight, bias, residual, spec)
+    return _C_APPLY(x, weight, bias, residual, spec)

@@ -75,7 +75,7 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
         self._check_non_zero_input_channels(input)
         args = self._bn_args(input)
         comm = None
-        if (args["training"] and self.training and dist.is_available()
+        if (args[2] and self.training and dist.is_available()
                 and dist.is_initialized()):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import library, ops, reference
-from .autograd import BatchNormFunction
+from . import autograd, library, ops, reference
 from .layout import kernel_view
 
 
@@ -15,15 +14,27 @@ def check_activation(activation):
     return activation
 
 
-def _check(input, running_mean, running_var, weight, bias, training, synced=False):
-    """torch's checks and messages; synced (SyncBatchNorm across processes) allows one
+def _check(input, running_mean, running_var, weight, bias, training, eps, synced=False):
+    """torch's checks and messages, in torch's order where it matters (the batch size,
+    then eps, then the rest); synced (SyncBatchNorm across processes) allows one
     value per channel here, since the statistics are over every process's batch."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if training and not synced:
+        size_prods = input.shape[0]
+        for n in input.shape[2:]:
+            size_prods *= n
+        if size_prods == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -36,14 +47,7 @@ def _check(input, running_mean, running_var, weight, bias, training, synced=Fals
         if t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {input.device}")
-    if training:
-        size_prods = input.shape[0]
-        for n in input.shape[2:]:
-            size_prods *= n
-        if size_prods == 1 and not synced:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {input.size()}")
-    elif running_mean is None or running_var is None:
+    if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
@@ -90,7 +94,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked.
     comm: SyncBatchNorm's collectives (distributed.py), for batch statistics over
     every process's batch; None for this process's own."""
-    _check(input, running_mean, running_var, weight, bias, training, comm is not None)
+    _check(input, running_mean, running_var, weight, bias, training, eps, comm is not None)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
                         "module's num_batches_tracked)")
@@ -106,12 +110,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
                                     momentum, eps, activation, num_batches_tracked, residual,
                                     negative_slope)
-    if comm is not None:  # SyncBatchNorm: collectives from Python, not an op
-        return BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
-                                       num_batches_tracked, bool(training), momentum, eps,
-                                       activation, negative_slope, comm)
-    # strides the kernels can tile, copied here once (differentiably) if need be, so that
-    # neither op nor the backward copies x again
+    if comm is not None or _eager(input):
+        # one autograd.Function around the host ops: SyncBatchNorm's collectives run from
+        # Python between them, and eager calls skip the custom ops' dispatch (host time)
+        return autograd.batch_norm(input, weight, bias, residual,
+                                   autograd.Spec(running_mean, running_var, num_batches_tracked,
+                                                 bool(training), momentum, eps, activation,
+                                                 negative_slope, comm))
+    # torch.compile: the custom ops (library.py), one per stage, with their mutations
+    # declared. Strides the kernels can tile, copied here once (differentiably) if need
+    # be, so that neither op nor the backward copies x again
     input = kernel_view(input)[0]
     if training:  # statistics are not differentiated: batch_norm's backward covers them
         mean, s = library.batch_stats(input.detach(), running_mean, running_var,
@@ -121,3 +129,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         mean, s = running_mean, running_var
     return library.batch_norm(input, mean, s, weight, bias, residual, bool(training), float(eps),
                               activation, float(negative_slope))[0]
+
+
+def _eager(input) -> bool:
+    """Whether this call runs eagerly on a plain tensor, so the host ops can be called
+    directly (same kernels, same saved tensors, same results bit for bit: tests/
+    test_host.py). torch.compile, export and fake or subclassed tensors take the ops."""
+    return type(input) is torch.Tensor and not torch.compiler.is_compiling()

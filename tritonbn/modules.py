@@ -24,9 +24,10 @@ class _BatchNormAct:
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
 
-    def _bn_args(self, input) -> dict:
-        """torch's _BatchNorm.forward up to its F.batch_norm call: the running stats to
-        use, whether to normalize with batch statistics, and the momentum (None with
+    def _bn_args(self, input) -> tuple:
+        """torch's _BatchNorm.forward up to its F.batch_norm call: (running_mean,
+        running_var, training, momentum, num_batches_tracked): the running stats to use,
+        whether to normalize with batch statistics, and the momentum (None with
         num_batches_tracked for the cumulative average, read on the device)."""
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -35,26 +36,22 @@ class _BatchNormAct:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum, nbt = None, self.num_batches_tracked  # 1/nbt, read on the device
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return dict(running_mean=self.running_mean if use_running else None,
-                    running_var=self.running_var if use_running else None,
-                    training=bn_training, momentum=momentum, num_batches_tracked=nbt)
+        if not self.training:
+            return (self.running_mean, self.running_var,
+                    self.running_mean is None and self.running_var is None, momentum, nbt)
+        if self.track_running_stats:
+            return self.running_mean, self.running_var, True, momentum, nbt
+        return None, None, True, momentum, nbt
 
     def forward(self, input, residual=None):
         """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
         return self._forward(input, residual, self._bn_args(input))
 
     def _forward(self, input, residual, args, comm=None):
-        return _batch_norm(
-            input, args["running_mean"], args["running_var"], self.weight, self.bias,
-            args["training"], args["momentum"], self.eps, self.activation,
-            args["num_batches_tracked"], residual=residual, negative_slope=self.negative_slope,
-            comm=comm,
-        )
+        running_mean, running_var, training, momentum, nbt = args
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                           momentum, self.eps, self.activation, nbt, residual=residual,
+                           negative_slope=self.negative_slope, comm=comm)
 
     def extra_repr(self):
         out = f"{super().extra_repr()}, activation={self.activation!r}"
