@@ -30,7 +30,9 @@ def _pick_backend_early(argv) -> None:
     elif command == "bench":
         early = argparse.ArgumentParser(add_help=False)
         early.add_argument("--device", default="cuda")
-        if early.parse_known_args(argv[argv.index("bench") + 1:])[0].device == "cpu":
+        early.add_argument("--host", action="store_true")
+        known = early.parse_known_args(argv[argv.index("bench") + 1:])[0]
+        if known.device == "cpu" or known.host:  # --host stubs the interpreter's launcher
             os.environ["TRITON_INTERPRET"] = "1"
 
 
@@ -57,6 +59,11 @@ def _add_bench(sub):
                    help="cuda (default): real timings. cpu: tiny shapes through Triton's "
                         "interpreter to exercise the pipeline; the results are marked "
                         "'interpreter, not performance'")
+    p.add_argument("--host", action="store_true",
+                   help="time tritonbn's host work per call (every Triton launch stubbed) "
+                        "against torch's BatchNorm on a tiny CPU tensor, side by side; prints "
+                        "the ratios and writes them to --out if given (`tritonbn report` "
+                        "renders that file). Any machine; the other options do not apply")
     p.add_argument("--shapes", type=csv_choices(shapes.SET_NAMES + shapes.SUBSETS + ("all",)),
                    default=("quick",), help="shape sets: quick, resnet50 (batch 256 and 32), "
                                             "resnet50/b256, resnet50/b32, stress, all (default quick)")
@@ -97,6 +104,10 @@ def _add_bench(sub):
 def _bench(args, argv) -> int:
     import torch
 
+    if args.host:  # _pick_backend_early has set TRITON_INTERPRET=1 already
+        from .perf.host import run as run_host
+
+        return run_host(args.out)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             print("tritonbn bench: no CUDA device (torch.cuda.is_available() is False), so there "

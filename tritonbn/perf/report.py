@@ -300,6 +300,8 @@ def render_cli(results: str, out_dir: str) -> int:
             return 0
     else:
         path = results
+        if _is_host_file(path):
+            return _render_host(path, out_dir)
     try:
         doc = load(path)
     except (ValueError, OSError) as e:
@@ -309,4 +311,31 @@ def render_cli(results: str, out_dir: str) -> int:
     n_png = len([f for f in os.listdir(out_dir) if f.endswith(".png")])
     print(f"tritonbn report: {path} ({doc['device']}, {doc['mode']}, {len(doc['records'])} records)"
           f" -> {out} and {n_png} PNG plots")
+    return 0
+
+
+def _is_host_file(path: str) -> bool:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("kind") == "host"
+
+
+def _render_host(path: str, out_dir: str) -> int:
+    """A `tritonbn bench --host` file: its table of host time per call, as report.md."""
+    from . import host
+
+    with open(path) as f:
+        try:
+            doc = host.validate(json.load(f))
+        except ValueError as e:
+            print(f"tritonbn report: {path}: {e}", file=sys.stderr)
+            return 2
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "report.md")
+    with open(out, "w") as f:
+        f.write(host.markdown(doc))
+    print(f"tritonbn report: {path} (host time, {len(doc['records'])} cases) -> {out}")
     return 0

@@ -1,0 +1,228 @@
+"""The eager host path (issue 14): eager calls run the host ops inside one
+autograd.Function with cached launch plans; torch.compile runs the custom ops.
+Both must give the same numbers bit for bit, a plan must never be reused for a
+call it was not made for, the errors are torch's, and the host-time benchmark
+runs end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tritonbn
+from conftest import DEVICE, LAYOUTS, make_input
+from tritonbn import functional, ops, tuning
+from tritonbn.heuristics import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(model, steps, shape, fmt, dtype, residual):
+    """Outputs, grads and state of `steps` training steps then one eval step."""
+    torch.manual_seed(1)
+    out = []
+    for step in range(steps + 1):
+        model.train(step < steps)
+        x = make_input(shape, dtype, fmt, requires_grad=True)
+        z = make_input(shape, dtype, fmt, mean=-0.5, requires_grad=True) if residual else None
+        y = model(x, z)
+        y.backward(make_input(shape, dtype, fmt, mean=0.3, std=1.0))
+        out += [y, x.grad] + ([z.grad] if residual else [])
+    out += [t.grad for t in model.parameters() if t.grad is not None]
+    return out + list(model.buffers())
+
+
+@pytest.mark.parametrize("act,residual,momentum", [("relu", False, 0.1), ("relu", True, None),
+                                                   ("silu", True, 0.1), (None, True, None),
+                                                   ("gelu", False, None)])
+@pytest.mark.parametrize("layout", ["NC", "NCHW", "NHWC"])
+def test_eager_path_equals_the_custom_ops_bit_for_bit(monkeypatch, layout, act, residual,
+                                                      momentum):
+    """Eager calls (autograd.Function, planned launches) and the torch.library ops
+    that torch.compile traces: the same y, grads, running stats and
+    num_batches_tracked, to the bit."""
+    cls, shape, fmt = LAYOUTS[layout]
+    dtype = torch.float16
+    eager = getattr(tritonbn, cls)(shape[1], momentum=momentum, activation=act, device=DEVICE)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.uniform_(-0.5, 0.5)
+    via_ops = getattr(tritonbn, cls)(shape[1], momentum=momentum, activation=act, device=DEVICE)
+    via_ops.load_state_dict(eager.state_dict())
+    calls = []
+    real = functional._eager
+    monkeypatch.setattr(functional, "_eager", lambda x: calls.append(real(x)) or real(x))
+    got = _run(eager, 2, shape, fmt, dtype, residual)
+    assert calls and all(calls)  # the eager path ran
+    monkeypatch.setattr(functional, "_eager", lambda x: False)
+    want = _run(via_ops, 2, shape, fmt, dtype, residual)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def test_no_grad_forward_skips_autograd_and_agrees():
+    """Eval and no-grad calls run without an autograd node: same y, no grad_fn."""
+    bn = tritonbn.BatchNorm2d(5, activation="relu", device=DEVICE)
+    x = make_input((3, 5, 4, 4), requires_grad=True)
+    bn.eval()
+    y_grad = bn(x)
+    with torch.no_grad():
+        y_none = bn(x)
+    assert y_grad.grad_fn is not None and y_none.grad_fn is None and not y_none.requires_grad
+    assert torch.equal(y_grad, y_none)
+
+
+def test_double_backward_is_refused():
+    """The kernels' backward is not itself differentiable: asking for it says so, as
+    torch's once_differentiable functions do, instead of a silently wrong grad."""
+    bn = tritonbn.BatchNorm2d(3, activation="silu", device=DEVICE)
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    dy = make_input((2, 3, 4, 4), requires_grad=True)  # a grad that is itself differentiated
+    (gx,) = torch.autograd.grad(bn(x), x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+class _Launches:
+    """Stands in for one kernel in ops.K: records each launch's grid, scalar
+    arguments and options, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **opts):
+            scalars = tuple(a for a in args if not isinstance(a, torch.Tensor))
+            self.seen.append((tuple(grid), scalars, tuple(sorted(opts.items()))))
+            return self.kernel[grid](*args, **opts)
+        return launch
+
+
+def _step(bn, shape, fmt=torch.contiguous_format, dtype=torch.float32, residual=False):
+    x = make_input(shape, dtype, fmt, requires_grad=True)
+    z = make_input(shape, dtype, fmt, requires_grad=True) if residual else None
+    bn(x, z).backward(make_input(shape, dtype, fmt))
+
+
+def _n_plans():
+    return sum(isinstance(p, (ops._FwdPlan, ops._BwdPlan)) for p in ops._plans.values())
+
+
+def test_a_changed_signature_never_reuses_a_plan(monkeypatch, tmp_path):
+    """Each key part of a launch plan (dtype, strides, flags, a forced or tuned
+    config) changes what is launched: a fresh plan each time, never a stale one."""
+    spies = {name: _Launches(getattr(ops.K, name)) for name in ("stats_partial_kernel",
+                                                                 "normalize_kernel",
+                                                                 "bwd_dx_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(ops.K, name, spy)
+    monkeypatch.setattr(ops, "_plans", {})
+    bn = tritonbn.BatchNorm2d(4, activation="relu", device=DEVICE)
+    shape = (3, 4, 5, 6)
+
+    def launched(**kw):
+        for spy in spies.values():
+            spy.seen.clear()
+        _step(bn, shape, **kw)
+        return {name: spy.seen[-1] for name, spy in spies.items()}
+
+    base = launched()
+    assert launched() == base and _n_plans() == 2  # the same call: both plans reused
+    launched(dtype=torch.float16)  # same scalars here, but a kernel of another dtype
+    assert _n_plans() == 4
+    variants = {"strides": launched(fmt=torch.channels_last),
+                "residual": launched(residual=True)}
+    bn.activation = "silu"
+    variants["activation"] = launched()
+    bn.activation = "relu"
+    forced = Config(BLOCK_M=2, BLOCK_C=2, split=3, num_warps=2)
+    with ops.launch_overrides(reduce=forced, elementwise=forced):
+        variants["forced config"] = launched()
+    assert launched() == base  # and back: the original plans, not the forced ones
+    with ops.launch_overrides(int64=True):
+        variants["64-bit offsets"] = launched()
+    assert _n_plans() == 4 + 2 * len(variants)
+    for why, got in variants.items():
+        assert got["normalize_kernel"] != base["normalize_kernel"], why
+    # a tuned config appearing in the cache for this bucket replaces the plan built on
+    # the heuristic (simulate_gpu: the interpreter selects as on a GPU)
+    monkeypatch.setenv("TRITONBN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_stores", {})
+    with tuning.simulate_gpu(timer=None, gpu="Plan Test GPU"):
+        assert launched() == base
+        x = make_input(shape)
+        v = ops.kernel_view(x)[1]
+        tuned = Config(BLOCK_M=4, BLOCK_C=2, split=2, num_warps=2)
+        tuning.store("Plan Test GPU").put(
+            {tuning.bucket(k, torch.float32, v): (tuned, {}) for k in ("normalize", "dx")})
+        got = launched()
+    assert got["normalize_kernel"] != base["normalize_kernel"]
+    assert dict(got["normalize_kernel"][2])["num_warps"] == 2
+    assert got["bwd_dx_kernel"] != base["bwd_dx_kernel"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("eps", [-1.0, 0.0, -1])
+def test_eps_errors_are_torchs(training, eps):
+    """A negative eps (or 0 in training) raises torch's ValueError, with its message."""
+    x = make_input((4, 3, 2, 2))
+    ours = tritonbn.BatchNorm2d(3, eps=eps, device=DEVICE).train(training)
+    ref = torch.nn.BatchNorm2d(3, eps=eps, device=DEVICE).train(training)
+    try:
+        ref(x)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=f"^{e}$"):
+            ours(x)
+        with pytest.raises(ValueError, match=f"^{e}$"):
+            functional.batch_norm(x, ours.running_mean, ours.running_var, training=training,
+                                  eps=eps)
+    else:  # eval with eps=0 is allowed by torch: ours runs too, and agrees
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stubbed_launches_run_nothing_and_count():
+    from tritonbn.perf.host import stubbed_launches
+
+    bn = tritonbn.BatchNorm2d(3, activation="relu")
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    launches = []
+    with stubbed_launches(launches):
+        y = bn(x)
+        y.backward(torch.ones_like(y))
+    assert launches == ["stats_partial_kernel", "stats_combine_kernel", "normalize_kernel",
+                        "bwd_reduce_kernel", "bwd_combine_kernel", "bwd_dx_kernel"]
+    assert torch.equal(bn.running_mean, torch.zeros(3))  # no kernel wrote the running stats
+    bn(x).backward(torch.ones_like(y))  # outside the block the kernels run again
+    assert not torch.equal(bn.running_mean, torch.zeros(3))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a CPU benchmark (launches stubbed in the interpreter)")
+def test_host_benchmark_and_its_report(tmp_path):
+    """`tritonbn bench --host` from a shell (no TRITON_INTERPRET: it sets it), then
+    `tritonbn report` on its file."""
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "tritonbn", "bench", "--host", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    from tritonbn.perf import host
+
+    host.validate(doc)
+    cases = [(r["op"], r["mode"]) for r in doc["records"]]
+    assert cases == list(host.CASES)
+    assert [r["launches"] for r in doc["records"]] == [6, 6, 6, 1]
+    assert all(r["ratio"] == r["tritonbn_us"] / r["torch_us"] for r in doc["records"])
+    assert doc["python_node_floor_us"] > 0
+    rep = tmp_path / "rep"
+    p = subprocess.run([sys.executable, "-m", "tritonbn", "report", str(out), "--out", str(rep)],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    text = (rep / "report.md").read_text()
+    assert "host time per call" in text and "bn_add_relu train fwd+bwd" in text
+    with pytest.raises(ValueError, match="kind"):
+        host.validate({"kind": "bench"})
