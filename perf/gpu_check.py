@@ -114,7 +114,7 @@ def _headline(ctx):
 
 def _dataset(ctx):
     yield Cmd([PY, "-m", "tritonbn.perf.dataset", "--out", str(ctx.work / DATASET),
-               "--budget-s", _budget(ctx.left() - 15), "--jobs", "14"])
+               "--budget-s", _budget(ctx.left() - 30), "--jobs", "14"])
 
 
 def _wider(ctx):

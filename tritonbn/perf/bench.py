@@ -476,7 +476,8 @@ def default_out(env: dict) -> str:
     return f"tritonbn-bench-{env['date'][:10]}-{slug}.json"
 
 
-def _write(doc: dict, path: str) -> None:
+def write_json(doc: dict, path: str) -> None:
+    """doc as JSON at path, atomically (a temporary file, then a rename), its folder made."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -528,7 +529,7 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
               f"{', '.join(opts.skip_measured)}: skipped", flush=True)
     doc["complete"] = False
     doc["runs"][-1].update(cases_run=0, cases_planned=len(todo))
-    _write(schema.validate(doc), out)  # fail now, not after the run, if out is not writable
+    write_json(schema.validate(doc), out)  # fail now, not after the run, if out is not writable
     print(f"tritonbn bench on {env['device']}: copy {ceiling:.0f} GB/s; {len(todo)} cases × "
           f"{len(opts.impls)} implementations × {len(opts.passes)} passes -> {out}"
           + ("\n  interpreter, not performance: tiny shapes through Triton's CPU interpreter"
@@ -554,7 +555,7 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
         done += 1
         doc["complete"] = done == len(todo)
         doc["runs"][-1]["cases_run"] = done
-        _write(schema.validate(doc), out)
+        write_json(schema.validate(doc), out)
     bar.close()
     return _finish(doc, out, time.monotonic() - t_start)
 

@@ -410,14 +410,6 @@ def load(path: str) -> dict:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _write(doc: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
 def variant_key(gpu: str, triton: str, shape, layout: str, dtype: str, kernel: str,
                 config: dict) -> tuple:
     """What a record measures, and where: one per (GPU, triton version) and variant."""
@@ -570,7 +562,7 @@ def run(args, argv: list) -> int:
              "skipped_measured": len(planned) - len(queue), "measured": 0, "unchecked": 0,
              "counts": dict.fromkeys(STATUSES, 0), "batches": [], "complete": False}
     doc["runs"].append(entry)
-    _write(doc, out)  # fail now, not after the run, if out is not writable
+    bench.write_json(doc, out)  # fail now, not after the run, if out is not writable
     budget = "none" if args.budget_s is None else f"{args.budget_s:g} s"
     print(f"tritonbn kernel dataset on {gpu} (triton {triton_version}): copy {copy_gbps:.0f} GB/s; "
           f"{len(cases)} (shape, layout, dtype) x {len(args.kernels)} kernels; {len(queue)} "
@@ -612,7 +604,7 @@ def run(args, argv: list) -> int:
             entry["compile"] = _compile_totals(entry["batches"])
             entry["complete"] = done == len(queue) and not lost
             entry["seconds"] = time.monotonic() - t_start
-            _write(doc, out)
+            bench.write_json(doc, out)
             pre_text = (f"precompiled in {t1 - t0:.1f} s by {jobs} workers (compiles summing "
                         f"{sum(compiles):.1f} s), " if workers else "")
             print(f"batch {len(entry['batches'])}: {len(batch)} variants, {pre_text}measured in "
@@ -627,7 +619,7 @@ def run(args, argv: list) -> int:
             workers.close()
     entry["complete"] = done == len(queue)
     entry["seconds"] = time.monotonic() - t_start
-    _write(doc, out)
+    bench.write_json(doc, out)
     print(f"\n{entry['measured']} records in {entry['seconds']:.0f} s -> {out}"
           + (f"  [{schema.INTERPRETER_MODE}]" if interpreted else ""))
     c = entry.get("compile")
