@@ -29,10 +29,8 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
         if size_prods == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
-    if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0:
+        _torch_eps_check(training, eps)
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
     C = input.shape[1]
@@ -49,6 +47,17 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
                                f"{t.device} and input is on {input.device}")
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
+
+
+def _torch_eps_check(training, eps):
+    """torch's own answer to an eps <= 0, its error and message (they differ between
+    torch versions: 2.13 allows eps = 0 in eval, 2.11 does not), asked of its
+    batch_norm on a two-element CPU tensor."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1),
+                                       training=training, eps=eps)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_negative_slope(negative_slope):
