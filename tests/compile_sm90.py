@@ -88,15 +88,19 @@ def main():
         w = torch.empty(C, dtype=pdt) if affine else None
         b = torch.empty(C, dtype=pdt) if affine else None
         rm, rv, nbt = torch.empty(C, dtype=pdt), torch.empty(C, dtype=pdt), torch.ones((), dtype=torch.int64)
-        with ops.launch_overrides(int64=int64):
-            for batch, momentum in ((True, 0.1), (True, None), (False, 0.1)):
+        for path, (batch, momentum) in itertools.product(
+                ops.PATHS, ((True, 0.1), (True, None), (False, 0.1))):
+            with ops.launch_overrides(int64=int64, path=path):
                 y, xk, v, mean, s, _, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum,
                                                       1e-5, act)
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (True, affine, affine, False))
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (False, affine, False, False))
+                if batch:  # the torch.compile op that takes the statistics alone
+                    ops.statistics(xk, v, True, rm, rv, nbt, momentum, 1e-5)
     residual_variants(cases)
+    fused_tiles()
     sync_variants(cases)
     print(f"compiled {len(seen)} kernel variants for sm_90")
     before = len(seen)
@@ -117,15 +121,33 @@ def residual_variants(cases):
         x, C, pdt = _input(shape, fmt, dtype)
         w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
         z = torch.empty_like(x)
-        with ops.launch_overrides(int64=int64):
-            for batch, residual in itertools.product((True, False), (None, z)):
-                if residual is None and act in (None, "relu"):
-                    continue  # compiled above
+        for path, batch, residual in itertools.product(ops.PATHS, (True, False), (None, z)):
+            if residual is None and act in (None, "relu"):
+                continue  # compiled above
+            with ops.launch_overrides(int64=int64, path=path):
                 y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, None, batch, 0.1,
                                                          1e-5, act, residual=residual, slope=0.1)
                 for needs in ((True, True, True, True), (False, False, False, True)):
                     ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                                  needs, slope=0.1, residual=residual, mask=mask)
+
+
+def fused_tiles():
+    """The single-program kernels at the tile sizes real shapes give, up to the
+    largest (heuristics.FUSED_MAX_ROWS rows): BatchNorm1d over 1024 samples, the
+    7x7 layers at batch 16 and 64, 14x14 at batch 4, channels_last 7x7 at 16."""
+    for (shape, fmt), dtype in itertools.product(
+            [((1024, 64), None), ((16, 256, 7, 7), None), ((64, 8, 7, 7), None),
+             ((4, 32, 14, 14), None), ((16, 512, 7, 7), torch.channels_last)],
+            (torch.float16, torch.float32)):
+        x, C, pdt = _input(shape, fmt, dtype)
+        w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
+        z = torch.empty_like(x)
+        with ops.launch_overrides(path="fused"):
+            y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5,
+                                                     "relu", residual=z)
+            ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
+                         (True, True, True, True), residual=z, mask=mask)
 
 
 class _OneProcess:

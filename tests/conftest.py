@@ -60,6 +60,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["split", "fused"])
+def path(request):
+    """Each test using it runs on both paths: the split kernels (stats, combine,
+    normalize; reduce, combine, dx) and the single-program ones (kernels/fused.py)."""
+    from tritonbn import ops
+
+    with ops.launch_overrides(path=request.param):
+        yield request.param
+
+
 def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param_dtype=None,
                 negative_slope=0.01):
     """(tritonbn module, torch.nn float64 module with the same state, shape, memory format)."""

@@ -10,6 +10,8 @@ import torch
 
 from conftest import LAYOUTS, check_steps, module_pair
 
+pytestmark = pytest.mark.usefixtures("path")  # both paths, every test
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 

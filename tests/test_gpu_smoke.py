@@ -7,7 +7,8 @@ on an H100 with pytest-xdist: the whole suite compiles hundreds of variants and
 would not finish in a lease. The subset covers every tiling (channel-last and
 channel-first, 1-D/2-D/3-D), every dtype, every activation, both residual modes
 (the 1-bit mask and the re-read z), eval, momentum=None, 64-bit offsets, forced
-small tiles and splits, and the small edge cases (one channel, two values per
+small tiles and splits, both paths (split, and single-program where the reduced
+extent is <= 1024), and the small edge cases (one channel, two values per
 channel, odd C, H*W = 49). Other tests marked gpu_smoke: CUDA-graph replay,
 Inductor, no host sync (test_compile.py, test_api.py).
 """
@@ -41,6 +42,10 @@ CASES = [
     ("two_values", (2, 37, 1, 1), (2, 37, 1, 1), True, F16, "relu", True, 0.1),
     ("odd_c_cl_fp16", (32, 37, 56, 56), (2, 37, 5, 5), True, F16, "silu", False, 0.1),
     ("fp64_cl_gelu", (8, 24, 14, 14), (2, 6, 3, 3), True, F64, "gelu", True, 0.1),
+    # the single-program path (reduced extent <= 1024): channel-last rows, and
+    # channel-first 7x7 planes with the residual's bit mask
+    ("fused_nc_fp16", (1024, 512), (64, 19), False, F16, "relu", False, None),
+    ("fused_7x7_nchw_mask", (16, 256, 7, 7), (2, 6, 7, 7), False, BF16, "relu", True, 0.1),
 ]
 
 

@@ -114,7 +114,29 @@ def _n_plans():
 
 def test_a_changed_signature_never_reuses_a_plan(monkeypatch, tmp_path):
     """Each key part of a launch plan (dtype, strides, flags, a forced or tuned
-    config) changes what is launched: a fresh plan each time, never a stale one."""
+    config) changes what is launched: a fresh plan each time, never a stale one
+    (the split path, whose configs are selected per kernel)."""
+    with ops.launch_overrides(path="split"):
+        _changed_signature(monkeypatch, tmp_path)
+
+
+def test_the_path_is_part_of_the_plan(monkeypatch):
+    """Forcing the other path makes a new plan with the other kernels, and back."""
+    spies = {name: _Launches(getattr(ops.K, name)) for name in ("fused_forward_kernel",
+                                                                 "stats_partial_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(ops.K, name, spy)
+    bn = tritonbn.BatchNorm2d(4, activation="relu", device=DEVICE)
+    for path, kernel in ((None, "fused_forward_kernel"), ("split", "stats_partial_kernel"),
+                         ("fused", "fused_forward_kernel"), (None, "fused_forward_kernel")):
+        for spy in spies.values():
+            spy.seen.clear()
+        with ops.launch_overrides(path=path):
+            _step(bn, (3, 4, 5, 6))
+        assert [n for n, spy in spies.items() if spy.seen] == [kernel], path
+
+
+def _changed_signature(monkeypatch, tmp_path):
     spies = {name: _Launches(getattr(ops.K, name)) for name in ("stats_partial_kernel",
                                                                  "normalize_kernel",
                                                                  "bwd_dx_kernel")}
@@ -193,6 +215,10 @@ def test_stubbed_launches_run_nothing_and_count():
     with stubbed_launches(launches):
         y = bn(x)
         y.backward(torch.ones_like(y))
+    assert launches == ["fused_forward_kernel", "fused_backward_kernel"]  # a small shape
+    launches.clear()
+    with stubbed_launches(launches), ops.launch_overrides(path="split"):
+        bn(x).backward(torch.ones_like(y))
     assert launches == ["stats_partial_kernel", "stats_combine_kernel", "normalize_kernel",
                         "bwd_reduce_kernel", "bwd_combine_kernel", "bwd_dx_kernel"]
     assert torch.equal(bn.running_mean, torch.zeros(3))  # no kernel wrote the running stats
@@ -215,7 +241,7 @@ def test_host_benchmark_and_its_report(tmp_path):
     host.validate(doc)
     cases = [(r["op"], r["mode"]) for r in doc["records"]]
     assert cases == list(host.CASES)
-    assert [r["launches"] for r in doc["records"]] == [6, 6, 6, 1]
+    assert [r["launches"] for r in doc["records"]] == [2, 2, 2, 1]  # the single-program path
     assert all(r["ratio"] == r["tritonbn_us"] / r["torch_us"] for r in doc["records"])
     assert doc["python_node_floor_us"] > 0
     rep = tmp_path / "rep"

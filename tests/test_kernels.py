@@ -140,12 +140,18 @@ def test_interpreter_runs_the_triton_kernels(monkeypatch):
 
     monkeypatch.setattr(reference, "batch_norm", forbidden)
     launched = []
-    for name in ("stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel"):
+    names = ("stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel", "fused_forward_kernel",
+             "fused_backward_kernel")
+    for name in names:
         kernel = getattr(ops.K, name)
         monkeypatch.setattr(ops.K, name, _Recorder(kernel, name, launched))
     m = tritonbn.BatchNorm2d(3, activation="relu")
     x = make_input((2, 3, 4, 4), requires_grad=True)
-    m(x).sum().backward()
+    m(x).sum().backward()  # a small shape: the single-program path
+    assert launched == ["fused_forward_kernel", "fused_backward_kernel"]
+    launched.clear()
+    with ops.launch_overrides(path="split"):
+        m(x).sum().backward()
     assert launched == ["stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel"]
 
 
@@ -172,3 +178,41 @@ def test_cpu_without_interpreter_uses_torch(monkeypatch):
         torch.testing.assert_close(ours(x), torch.relu(ref(x)))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     assert called == [1, 1, 1]
+
+
+@pytest.mark.parametrize("block_c", [None, 2])
+@pytest.mark.parametrize("act,residual", [("relu", True), ("gelu", True), ("silu", False)])
+@pytest.mark.parametrize("shape,fmt", [((2, 5, 7, 7), torch.contiguous_format),  # H·W = 49
+                                       ((3, 5, 1, 1), torch.channels_last),  # 3 rows of 8
+                                       ((11, 5), torch.contiguous_format),
+                                       ((2, 5, 3, 2, 3), torch.channels_last_3d),
+                                       ((2, 5, 3, 2, 3), torch.contiguous_format)])
+def test_single_program_path_edges(monkeypatch, shape, fmt, act, residual, block_c):
+    """The single-program kernels where tiles are ragged: spatial extents that are
+    not a multiple of 8 (the mask's bytes), fewer rows than a byte, and channel
+    blocks that do not divide C (block_c=2 over 5 channels); against torch in float64
+    with every buffer poisoned, training then eval."""
+    from conftest import check_steps
+    from tritonbn import heuristics
+
+    real = heuristics.fused_tile
+    if block_c is not None:
+        def narrow(v, elem_size, interpret):
+            rows, block_i, _, warps = real(v, elem_size, interpret)
+            return rows, block_i, block_c, warps
+        monkeypatch.setattr(heuristics, "fused_tile", narrow)
+    cls = {2: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    ours = getattr(tritonbn, cls)(shape[1], activation=act, device=DEVICE)
+    ref = getattr(torch.nn, cls)(shape[1], dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    launched = []
+    monkeypatch.setattr(ops.K, "fused_forward_kernel",
+                        _Recorder(ops.K.fused_forward_kernel, "fwd", launched))
+    monkeypatch.setattr(ops.K, "fused_backward_kernel",
+                        _Recorder(ops.K.fused_backward_kernel, "bwd", launched))
+    with ops.launch_overrides(path="fused"):
+        check_steps(ours, ref, shape, fmt, torch.float16, steps=2, residual=residual)
+    assert launched[:4] == ["fwd", "bwd", "fwd", "bwd"]  # the path under test really ran

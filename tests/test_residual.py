@@ -13,6 +13,8 @@ from tritonbn import ops
 from tritonbn.heuristics import Config
 from tritonbn.testing import poisoned_allocations, saved_for_backward
 
+pytestmark = pytest.mark.usefixtures("path")  # both paths, every test
+
 ACTS = [None, "relu", "leaky_relu", "silu", "gelu"]
 SLOPE = 0.2  # leaky_relu's negative slope: not the default, so a dropped slope shows
 

@@ -125,6 +125,37 @@ def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interp
     return Config(BLOCK_M, BLOCK_C, split, num_warps)
 
 
+# The single-program path (kernels/fused.py): a channel block's whole reduced extent
+# in one tile. Extents up to FUSED_MAX_EXTENT take it by default (issue 15: at least
+# every N·H·W <= 1024; a GPU run sets the threshold). A tile has at most
+# FUSED_MAX_ROWS rows (a channel-first row pads H·W to a power of two) and
+# FUSED_MAX_TILE elements (registers: 16 warps at the most).
+FUSED_MAX_EXTENT = 1024
+FUSED_MAX_ROWS = 8192
+FUSED_MAX_TILE = 16384
+
+
+@functools.lru_cache(maxsize=4096)
+def fused_tile(v: View, elem_size: int, interpret: bool) -> tuple[int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_I, BLOCK_C, num_warps) of the single-program tile over v, or
+    None where the whole reduced extent does not fit. Rows: the outer positions
+    (channel-last, at least 8: whole mask bytes) or pow2(N) blocks of BLOCK_I >= 8
+    spatial positions (channel-first). Channel-last tiles keep >= 32 bytes of
+    channels per row (whole DRAM sectors); otherwise about 4096 elements a program
+    (8192 under the interpreter, where fewer programs run faster)."""
+    if v.channel_last:
+        block_i, rows, min_c = 1, max(8, pow2(v.outer)), max(1, 32 // elem_size)
+    else:
+        block_i = max(8, pow2(v.inner))
+        rows, min_c = pow2(v.outer) * block_i, 1
+    budget = 8192 if interpret else 4096
+    block_c = min(pow2(v.C), max(min_c, budget // rows))
+    if rows > FUSED_MAX_ROWS or rows * block_c > FUSED_MAX_TILE:
+        return None
+    elems = rows * block_c
+    return rows, block_i, block_c, 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+
+
 @functools.lru_cache(maxsize=4096)
 def heuristic_combine(C: int, split: int) -> CombineConfig:
     """The default launch of a combine kernel over `split` partials of C channels."""

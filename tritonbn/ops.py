@@ -40,7 +40,11 @@ def residual_mode(activation, has_residual: bool) -> int:
 
 # Test and tuning hooks: a config per kernel instead of the selected one (tuned or
 # heuristic), and 64-bit offsets on tensors too small to need them.
-_overrides: dict = dict.fromkeys(KERNELS) | {"int64": False}
+# and which path (None: by the shape; "split": stats, combine, normalize; "fused": the
+# single-program kernels where the tile fits). A forced config of a split kernel
+# means the split path, unless path says otherwise.
+_overrides: dict = dict.fromkeys(KERNELS) | {"int64": False, "path": None, "forced": False}
+PATHS = ("split", "fused")
 # groups of kernels launch_overrides accepts under one name
 GROUPS = {"reduce": REDUCE_KERNELS,
           "elementwise": tuple(k for k in TILE_KERNELS if k not in REDUCE_KERNELS)}
@@ -70,10 +74,15 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def launch_overrides(int64: bool | None = None, **configs: Config | CombineConfig | None):
+def launch_overrides(int64: bool | None = None, path: str | None = None,
+                     **configs: Config | CombineConfig | None):
     """Force launch configs inside the block, by kernel name (see heuristics.KERNELS)
     or group ("reduce": stats + bwd_reduce, "elementwise": normalize + dx); None
-    keeps the usual choice. int64=True forces 64-bit offsets."""
+    keeps the usual choice. int64=True forces 64-bit offsets. path="split" or
+    "fused" forces that path (fused where its tile fits, heuristics.fused_tile); a
+    forced config alone implies the split path."""
+    if path is not None and path not in PATHS:
+        raise TypeError(f"launch_overrides: path must be one of {PATHS}, got {path!r}")
     saved = dict(_overrides)
     for name, cfg in configs.items():
         if name not in KERNELS and name not in GROUPS:
@@ -83,10 +92,31 @@ def launch_overrides(int64: bool | None = None, **configs: Config | CombineConfi
             _overrides[k] = cfg
     if int64 is not None:
         _overrides["int64"] = int64
+    if path is not None:
+        _overrides["path"] = path
+    _overrides["forced"] = any(_overrides[k] is not None for k in KERNELS)
     try:
         yield
     finally:
         _overrides.update(saved)
+
+
+def _fused_tile(x: torch.Tensor, v: View):
+    """The single-program tile a call over x takes (heuristics.fused_tile), or None
+    for the split path."""
+    path = _overrides["path"]
+    if path == "split" or (path is None and _overrides["forced"]):
+        return None
+    tile = heuristics.fused_tile(v, x.element_size(), interpreting())
+    if tile is None or (path is None and v.count > heuristics.FUSED_MAX_EXTENT):
+        return None
+    return tile
+
+
+def path_of(x: torch.Tensor) -> str:
+    """Which path a training step over x takes: "fused" (single-program) or "split"."""
+    xk, v = kernel_view(x)
+    return "split" if _fused_tile(xk, v) is None else "fused"
 
 
 def _acc(dtype: torch.dtype):
@@ -134,14 +164,36 @@ def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tu
         if mask is not None and cfg.BLOCK_M % 8:
             cfg = dataclasses.replace(cfg, BLOCK_M=8, BLOCK_C=max(1, cfg.BLOCK_C * cfg.BLOCK_M // 8))
         grid, tile_args, meta = plan(v, cfg)
-        m = mask_view(v) if mask is not None else View(1, 1, 1, 1, 1, 1, v.channel_last)
-        named = dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
-                     s_inner=v.s_inner, CHANNEL_LAST=v.channel_last, INT64=int64,
-                     ACC=_acc(x.dtype)[1], BLOCK_M=meta["BLOCK_M"], BLOCK_C=meta["BLOCK_C"],
-                     M_OUTER=m.outer, M_INNER=m.inner, ms_outer=m.s_outer, ms_c=m.s_c,
-                     ms_inner=m.s_inner, count=v.count, **tile_args, **dict(zip(names, extra)))
+        named = _view_args(x, v, mask, int64, BLOCK_M=meta["BLOCK_M"],
+                           BLOCK_C=meta["BLOCK_C"], **tile_args, **dict(zip(names, extra)))
         hit = _remember(key, (grid, tuple(named[n] for n in _SCALARS[fn]),
                               dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])))
+    return hit
+
+
+def _view_args(x, v: View, mask, int64: bool, **more) -> dict:
+    """The kernel arguments every tile kernel takes from the view (and the mask's)."""
+    m = mask_view(v) if mask is not None else View(1, 1, 1, 1, 1, 1, v.channel_last)
+    return dict(C=v.C, OUTER=v.outer, INNER=v.inner, s_outer=v.s_outer, s_c=v.s_c,
+                s_inner=v.s_inner, CHANNEL_LAST=v.channel_last, INT64=int64,
+                ACC=_acc(x.dtype)[1], M_OUTER=m.outer, M_INNER=m.inner, ms_outer=m.s_outer,
+                ms_c=m.s_c, ms_inner=m.s_inner, count=v.count, **more)
+
+
+def _launch_fused(fn: str, x: torch.Tensor, v: View, tile: tuple, mask=None, extra: tuple = (),
+                  names: tuple = ()):
+    """(grid, scalar arguments of fn in order, launch options) of a single-program
+    kernel over x on tile (heuristics.fused_tile); cached as _launch's are."""
+    int64 = _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
+    key = (fn, v, tile, mask is not None, int64, x.dtype, extra)
+    hit = _plans.get(key)
+    if hit is None:
+        block_m, block_i, block_c, num_warps = tile
+        named = _view_args(x, v, mask, int64, BLOCK_M=block_m, BLOCK_I=block_i,
+                           BLOCK_C=block_c, **dict(zip(names, extra)))
+        hit = _remember(key, ((heuristics.cdiv(v.C, block_c),),
+                              tuple(named[n] for n in _SCALARS[fn]),
+                              dict(num_warps=num_warps, num_stages=1)))
     return hit
 
 
@@ -288,9 +340,38 @@ def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked
     if comm is not None:
         return global_stats(x, v, running_mean, running_var, num_batches_tracked, momentum,
                             eps, comm)
+    tile = _fused_tile(x, v)
+    if tile is not None:  # the single-program kernel, statistics only
+        update = running_mean is not None and running_var is not None
+        from_nbt = update and momentum is None
+        if from_nbt and num_batches_tracked is None:
+            raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
+        mean = torch.empty(v.C, dtype=_acc(x.dtype)[0], device=x.device)
+        s = torch.empty_like(mean)
+        g, a, o = _launch_fused("fused_forward_kernel", x, v, tile, None,
+                                _fused_forward_extra(None, None, eps, None, 0.0, False, False,
+                                                     momentum, update, from_nbt, False),
+                                _FUSED_FORWARD)
+        K.fused_forward_kernel[g](x, x, x, x, mean, mean, mean, s,
+                                  running_mean if update else mean,
+                                  running_var if update else mean,
+                                  num_batches_tracked if from_nbt else mean, *a, **o)
+        return mean, s, None
     tuning.on_first_use(("stats", "stats_combine"), x, v, interpreting(), eps=eps)
     return (*batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps),
             None)
+
+
+# the single-program forward's arguments beyond the view (_fused_forward_extra)
+_FUSED_FORWARD = ("eps", "slope", "HAS_W", "HAS_B", "ACT", "HAS_RES", "WRITE_MASK",
+                  "momentum_hi", "momentum_lo", "UPDATE_RUNNING", "MOMENTUM_FROM_NBT", "WRITE_Y")
+
+
+def _fused_forward_extra(weight, bias, eps, activation, slope, has_z, write_mask, momentum,
+                         update, from_nbt, write_y) -> tuple:
+    return (float(eps), float(slope), weight is not None, bias is not None,
+            ACTIVATIONS[activation], has_z, write_mask, *_fp32_pair(momentum or 0.0), update,
+            from_nbt, write_y)
 
 
 def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=None,
@@ -342,6 +423,18 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
     if p.from_nbt and num_batches_tracked is None:
         raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
     acc, dev = p.acc, x.device
+    mask = torch.empty(p.mask, dtype=torch.uint8, device=dev) if p.mask else None
+    if p.fused is not None:  # one launch: statistics, running stats, y and the mask
+        mean = torch.empty(v.C, dtype=acc, device=dev)
+        s = torch.empty(v.C, dtype=acc, device=dev)
+        y = torch.empty_like(x)
+        g, a, o = p.fused
+        K.fused_forward_kernel[g](
+            x, y, z if z is not None else x, mask if mask is not None else x,
+            weight if weight is not None else mean, bias if bias is not None else mean, mean, s,
+            running_mean if p.update else mean, running_var if p.update else mean,
+            num_batches_tracked if p.from_nbt else mean, *a, **o)
+        return y, mean, s, mask
     if batch:
         partials = torch.empty(p.partials, dtype=acc, device=dev)
         g, a, o = p.stats
@@ -356,7 +449,6 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
     else:
         mean, s = running_mean, running_var
     y = torch.empty_like(x)
-    mask = torch.empty(p.mask, dtype=torch.uint8, device=dev) if p.mask else None
     g, a, o = p.normalize
     K.normalize_kernel[g](
         x, y, z if z is not None else x, mask if mask is not None else x,
@@ -368,7 +460,7 @@ class _FwdPlan:
     """The launches of one forward signature, built once: (grid, scalar arguments,
     options) of each kernel, the shapes to allocate, and the running-stat flags."""
     __slots__ = ("acc", "partials", "stats", "combine", "normalize", "mask", "update",
-                 "from_nbt")
+                 "from_nbt", "fused")
 
 
 def _select(kernel, x, v, split=None):
@@ -382,7 +474,10 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum
     so a newly tuned config, a forced one or other strides make a new plan."""
     update = batch and running_mean is not None and running_var is not None
     from_nbt = update and momentum is None
-    if batch:
+    tile = _fused_tile(x, v) if batch else None
+    if tile is not None:
+        cfgs = ("fused", tile)
+    elif batch:
         cfg_s = _select("stats", x, v)
         split = _split(v, cfg_s)
         cfgs = (cfg_s, _select("stats_combine", x, v, split), _select("normalize", x, v))
@@ -394,7 +489,16 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum
     if p is not None:
         return p
     p = _FwdPlan()
-    p.acc, p.update, p.from_nbt = _acc(x.dtype)[0], update, from_nbt
+    p.acc, p.update, p.from_nbt, p.fused = _acc(x.dtype)[0], update, from_nbt, None
+    mask = residual_mode(activation, has_z) == RES_MASK
+    m = mask_view(v)
+    p.mask = m.outer * m.C * m.inner if mask else 0
+    if tile is not None:
+        p.fused = _launch_fused("fused_forward_kernel", x, v, tile, x if mask else None,
+                                _fused_forward_extra(weight, bias, eps, activation, slope, has_z,
+                                                     mask, momentum, update, from_nbt, True),
+                                _FUSED_FORWARD)
+        return _remember(key, p)
     if batch:
         p.stats = _launch("stats", "stats_partial_kernel", x, v)
         split = p.stats[0][1]
@@ -403,12 +507,6 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum
             "stats_combine", "stats_combine_kernel", x, v, split,
             (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, False, False),
             _COMBINE_STATS)
-    mask = residual_mode(activation, has_z) == RES_MASK
-    if mask:
-        m = mask_view(v)
-        p.mask = m.outer * m.C * m.inner
-    else:
-        p.mask = 0
     p.normalize = _launch(
         "normalize", "normalize_kernel", x, v, x if mask else None,
         (*_act_args(weight, bias, batch, eps, activation, slope), has_z, mask),
@@ -539,7 +637,7 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
 
 class _BwdPlan:
     """The launches of one backward signature, built once (as _FwdPlan)."""
-    __slots__ = ("acc", "partials", "reduce", "combine", "dx")
+    __slots__ = ("acc", "partials", "reduce", "combine", "dx", "fused")
 
 
 def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
@@ -548,11 +646,12 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     configs and arguments grad_sums and grad_input would launch, without rebuilding
     them per call. Its key, like _forward_plan's, holds everything the plan is made of."""
     elementwise = need_dx or need_dz
-    cfgs = ()
-    if reduce:
+    tile = _fused_tile(x, v) if reduce else None
+    cfgs = ("fused", tile) if tile is not None else ()
+    if reduce and tile is None:
         cfg_r = _select("bwd_reduce", x, v)
         cfgs = (cfg_r, _select("bwd_combine", x, v, _split(v, cfg_r)))
-    if elementwise:
+    if elementwise and tile is None:
         cfgs += (_select("dx", x, v),)
     key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
            bias is not None, z is not None, mask is not None, need_dx, need_dw, need_db, need_dz,
@@ -560,17 +659,22 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     p = _plans.get(key)
     if p is None:
         p = _BwdPlan()
-        p.acc = _acc(x.dtype)[0]
+        p.acc, p.fused = _acc(x.dtype)[0], None
         act = _act_args(weight, bias, batch, eps, activation, slope)
         res = RES_MASK if mask is not None else RES_RELOAD if z is not None else RES_NONE
-        if reduce:
+        if tile is not None:
+            p.fused = _launch_fused(
+                "fused_backward_kernel", x, v, tile, mask,
+                (*act, res, batch and need_dx, need_dx, need_dz, need_dw, need_db),
+                _ACT + ("RES", "TRAINING", "WRITE_DX", "WRITE_DZ", "HAS_DW", "HAS_DB"))
+        elif reduce:
             p.reduce = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask, (*act, res),
                                _ACT + ("RES",))
             split = p.reduce[0][1]
             p.partials = (2, split, v.C)
             p.combine = _launch_combine("bwd_combine", "bwd_combine_kernel", x, v, split,
                                         (need_dw, need_db), ("HAS_DW", "HAS_DB"))
-        if elementwise:
+        if elementwise and tile is None:
             p.dx = _launch("dx", "bwd_dx_kernel", x, v, mask,
                            (*act, res, False, batch and need_dx, need_dx, need_dz),
                            _ACT + ("RES", "COUNT_FROM_PTR", "TRAINING", "WRITE_DX", "WRITE_DZ"))
@@ -580,6 +684,16 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     w = weight if weight is not None else s
     b = bias if bias is not None else s
     sums = dx = dw = db = dz = None
+    if p.fused is not None:  # one launch: the sums, dweight, dbias, dx and dz
+        dw = torch.empty_like(weight) if need_dw else None
+        db = torch.empty_like(bias) if need_db else None
+        dx = torch.empty_like(x) if need_dx else None
+        dz = torch.empty_like(x) if need_dz else None
+        g, a, o = p.fused
+        K.fused_backward_kernel[g](x, dy, z_ptr, mask_ptr, dx if need_dx else x,
+                                   dz if need_dz else x, mean, s, w, b,
+                                   dw if need_dw else s, db if need_db else s, *a, **o)
+        return dx, dw, db, dz
     if reduce:
         partials = torch.empty(p.partials, dtype=p.acc, device=x.device)
         g, a, o = p.reduce
