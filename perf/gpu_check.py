@@ -15,13 +15,16 @@ Stages (default order; limits in seconds, 530 in all, with the environment 535):
              Inductor, no host sync                                          85
   headline   bench resnet50 (batch 256, then 32), fp16 channels_last bn_relu:
              tritonbn and torch (cuDNN) first, then torch.compile (default mode,
-             to fit; the records say which mode) with what is left          120
+             to fit; the records say which mode) with what is left          110
+  paths      bench the split path against the single-program one where both
+             apply (BatchNorm1d 256-16384 samples, resnet50 b32 7x7 and
+             14x14), fp16 bn_relu: sets the dispatch threshold               30
   dataset    the per-kernel dataset: the six kernels alone, heuristic configs on
              every shape, then tuning candidates, compiled ahead in parallel;
-             appended to perf/results/kernel-dataset.json                   100
+             appended to perf/results/kernel-dataset.json                    90
   wider      bench resnet50: fp16/bf16, channels_last/NCHW, bn_relu and
              bn_add_relu, tritonbn vs torch; cases already measured on this
-             GPU (this run or perf/results) are skipped, so leases add up     50
+             GPU (this run or perf/results) are skipped, so leases add up     40
   tune       tritonbn tune resnet50/b256 fp16 channels_last, exported as the
              shipped configs for this GPU                                     35
   sanitizer  compute-sanitizer memcheck on small shapes, relu with and without
@@ -112,6 +115,12 @@ def _headline(ctx):
                      "--budget-s", _budget(ctx.left() - 35)))
 
 
+def _paths(ctx):
+    yield Cmd(_bench(ctx, "--shapes", "paths", "--dtypes", "float16", "--ops", "bn_relu",
+                     "--impls", "tritonbn_split,tritonbn_fused,torch",
+                     "--budget-s", _budget(ctx.left() - 8)))
+
+
 def _dataset(ctx):
     yield Cmd([PY, "-m", "tritonbn.perf.dataset", "--out", str(ctx.work / DATASET),
                "--budget-s", _budget(ctx.left() - 30), "--jobs", "14"])
@@ -183,8 +192,8 @@ class Stage:
 
 
 STAGES = [
-    Stage("smoke", 85, _smoke), Stage("headline", 120, _headline),
-    Stage("dataset", 100, _dataset), Stage("wider", 50, _wider), Stage("tune", 35, _tune),
+    Stage("smoke", 85, _smoke), Stage("headline", 110, _headline), Stage("paths", 30, _paths),
+    Stage("dataset", 90, _dataset), Stage("wider", 40, _wider), Stage("tune", 35, _tune),
     Stage("sanitizer", 35, _sanitizer), Stage("ncu", 50, _ncu), Stage("eager", 40, _eager),
     Stage("report", 15, _report),
     Stage("tests", 300, _tests, default=False), Stage("compiled", 60, _compiled, default=False),

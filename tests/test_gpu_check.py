@@ -28,7 +28,7 @@ def _names(archive):
 
 def test_default_plan_fits_one_lease_in_order_of_value():
     stages = gc.plan([], gc.TOTAL_S)
-    assert [s.name for s in stages] == ["smoke", "headline", "dataset", "wider", "tune",
+    assert [s.name for s in stages] == ["smoke", "headline", "paths", "dataset", "wider", "tune",
                                         "sanitizer", "ncu", "eager", "report"]
     assert sum(s.limit_s for s in stages) <= gc.TOTAL_S <= 540
     assert stages[0].limit_s <= 90

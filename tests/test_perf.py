@@ -44,7 +44,9 @@ def fake_doc(sets=("resnet50", "quick"), interpreter=False, seed=0, ceiling=3000
                                     "impl": impl,
                                     "backend": {"tritonbn": "triton", "torch": "cudnn",
                                                 "torch_compile": "inductor",
-                                                "tritonbn_heuristic": "triton"}[impl],
+                                                "tritonbn_heuristic": "triton",
+                                                "tritonbn_split": "triton",
+                                                "tritonbn_fused": "triton"}[impl],
                                     "weight": case.weight, "ms": ms, "gbps": gb,
                                     "gbps_single_read": gb1, "pct_of_copy": 100 * gb / ceiling,
                                     "pct_of_copy_single_read": 100 * gb1 / ceiling,
@@ -123,7 +125,7 @@ def test_stress_and_quick_sets():
     assert {s[1] for s in stress if s[0] == 32 and s[2:] == (56, 56)} == {24, 40, 72, 152, 368}
     assert (3136, 256) in stress and (128, 8192) in stress
     assert len(shapes.cases("quick")) == 5
-    assert len(shapes.cases("all")) == 5 + 24 + 10
+    assert len(shapes.cases("all")) == 5 + 24 + 10 + 8
     with pytest.raises(ValueError, match="unknown shape set"):
         shapes.cases("vgg")
 
@@ -436,9 +438,13 @@ def test_bench_case_checks_and_times_each_pass(dtype, op):
             model.model_bytes(op, r["pass"], 3 * 6 * 5 * 4, 4 if dtype == "float32" else 2),
             r["ms"]))
     assert {r["backend"] for r in records if r["impl"] == "tritonbn"} <= {"triton", "triton-interpreter"}
+    assert {r.get("path") for r in records} == {"fused", None}  # a small shape; torch has none
     doc = fake_doc(sets=())
     doc["records"] = records
     schema.validate(doc)
+    doc["records"][0]["path"] = "other"
+    with pytest.raises(ValueError, match="not split or fused"):
+        schema.validate(doc)
 
 
 def test_bench_checks_every_op_against_its_own_reference():
@@ -599,10 +605,12 @@ def test_bench_times_tritonbn_on_heuristic_configs_next_to_tuned(monkeypatch, tm
     monkeypatch.setattr(ops, "plan", lambda v, cfg: chosen.append(cfg) or real_plan(v, cfg))
     opts = bench.Options(device=DEVICE, impls=("tritonbn", "tritonbn_heuristic"), cpu_reps=1,
                          passes=("fwd",))
-    with tuning.simulate_gpu(timer=None, gpu="Fake GPU"):
+    # the split path: tuned configs are per split kernel (the single-program path has none)
+    with tuning.simulate_gpu(timer=None, gpu="Fake GPU"), ops.launch_overrides(path="split"):
         records, errors = bench.run_case(shapes.Case("quick", shape), "channels_last", "float32",
                                          "bn_relu", opts, torch.device(DEVICE), 100.0,
                                          interpreted=True)
+    assert {r["path"] for r in records} == {"split"}
     assert errors == [] and all(r["ok"] for r in records)
     assert [r["impl"] for r in records] == ["tritonbn", "tritonbn_heuristic"]
     n_tuned = sum(c == tuned for c in chosen)

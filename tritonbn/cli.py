@@ -66,7 +66,9 @@ def _add_bench(sub):
                         "renders that file). Any machine; the other options do not apply")
     p.add_argument("--shapes", type=csv_choices(shapes.SET_NAMES + shapes.SUBSETS + ("all",)),
                    default=("quick",), help="shape sets: quick, resnet50 (batch 256 and 32), "
-                                            "resnet50/b256, resnet50/b32, stress, all (default quick)")
+                                            "resnet50/b256, resnet50/b32, stress, paths (where "
+                                            "the split and single-program paths both apply), "
+                                            "all (default quick)")
     p.add_argument("--dtypes", type=csv_choices(tuple(DTYPES)), default=tuple(DTYPES))
     p.add_argument("--layouts", type=csv_choices(("NCHW", "channels_last")), default=("NCHW", "channels_last"),
                    help="for 4-D shapes (2-D and 3-D inputs have one layout)")

@@ -49,6 +49,8 @@ OPS = model.OPS
 # what `tritonbn bench` runs without --ops: plain BN, the fused ReLU, and ResNet's
 # residual tail relu(bn(x) + z); the other activations move bn_relu's bytes
 DEFAULT_OPS = ("bn", "bn_relu", "bn_add_relu")
+# implementations that are tritonbn's modules (schema.IMPLS)
+TRITONBN_IMPLS = ("tritonbn", "tritonbn_heuristic", "tritonbn_split", "tritonbn_fused")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 # torch.compile modes --compile-mode takes ("default" compiles in seconds, not minutes)
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduce-overhead")
@@ -132,7 +134,7 @@ def build(impl: str, op: str, ndim: int, weight: torch.Tensor, bias: torch.Tenso
     The module takes (x) or, for a residual op, (x, z)."""
     C = weight.numel()
     act = model.activation_of(op)
-    if impl in ("tritonbn", "tritonbn_heuristic"):
+    if impl in TRITONBN_IMPLS:
         import tritonbn
 
         bn = bn_class(ndim, tritonbn)(C, activation=act)  # negative_slope: 0.01 by default
@@ -323,14 +325,18 @@ def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Opt
 
 def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
               x, dy, weight, bias, z, ref):
-    if impl == "tritonbn_heuristic":
-        from ..tuning import heuristics_only
+    import contextlib
 
-        with heuristics_only():
-            return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling,
-                            interpreted, x, dy, weight, bias, z, ref)
-    return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
-                    x, dy, weight, bias, z, ref)
+    from .. import ops
+    from ..tuning import heuristics_only
+
+    context = {"tritonbn_heuristic": heuristics_only,
+               "tritonbn_split": lambda: ops.launch_overrides(path="split"),
+               "tritonbn_fused": lambda: ops.launch_overrides(path="fused")
+               }.get(impl, contextlib.nullcontext)
+    with context():
+        return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
+                        x, dy, weight, bias, z, ref)
 
 
 def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
@@ -349,8 +355,12 @@ def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpre
            "bwd": lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True),
            "fwd+bwd": lambda: torch.autograd.grad(call(), inputs, dy)}
     extra = {}
-    if impl in ("tritonbn", "tritonbn_heuristic"):
+    if impl in TRITONBN_IMPLS:
+        from .. import ops
+
         backend = "triton-interpreter" if interpreted else "triton"
+        # fused: one launch each way, measured against the single-read model
+        extra["path"] = ops.path_of(x)
     elif impl == "torch_compile":
         backend = "inductor"
         extra["compile_mode"] = opts.compile_mode

@@ -30,7 +30,8 @@ OP_TEXT = {"bn": "BatchNorm alone",
            "bn_gelu": "gelu(bn(x)), exact erf form; torch: `nn.GELU()` after bn"}
 
 IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile",
-              "tritonbn_heuristic": "tritonbn, heuristic configs"}
+              "tritonbn_heuristic": "tritonbn, heuristic configs",
+              "tritonbn_split": "tritonbn, split path", "tritonbn_fused": "tritonbn, single-program"}
 
 
 def load(path: str) -> dict:
@@ -107,7 +108,8 @@ def markdown(doc: dict, plots: dict) -> str:
     lines += ["Byte model (E = elements, s = bytes each): two-pass fwd 3·E·s, bwd 5·E·s, fwd+bwd "
               "8·E·s; single-read 2, 3, 5; a residual add (bn_add_relu) +E·s each way, a fused "
               "activation nothing. GB/s and % of the copy ceiling use the two-pass model "
-              "unless marked 1-read. " + ("Times are wall-clock medians on the CPU. " if doc["interpreter"]
+              "unless marked 1-read (the model of tritonbn's single-program path, \"tb path\" "
+              "fused). " + ("Times are wall-clock medians on the CPU. " if doc["interpreter"]
                                          else "Times are medians of `triton.testing.do_bench` with "
                                               "the L2 cache cleared before each run. ") +
               "Speedup = baseline ms / tritonbn ms; only records that passed the float64 check "
@@ -156,6 +158,7 @@ def markdown(doc: dict, plots: dict) -> str:
                          f"{e['op']}: `{e['error']}`")
         lines.append("")
 
+    lines += _paths(records)
     lines += ["## Per shape", ""]
     index = by_key(records)
     for (set_, op, pass_), keys in _sections(records).items():
@@ -178,20 +181,40 @@ def markdown(doc: dict, plots: dict) -> str:
 
             peak = " / ".join(_fmt(impls[i]["peak_mb"], ".0f") if i in impls else "–"
                               for i in schema.DEFAULT_IMPLS)
-            table.append((_shape(k[1]), k[3], k[2], ms("tritonbn"), ms("torch"), ms("torch_compile"),
+            table.append((_shape(k[1]), k[3], k[2], (ours or {}).get("path", "–"),
+                          ms("tritonbn"), ms("torch"), ms("torch_compile"),
                           speed("torch"), speed("torch_compile"), speed("tritonbn_heuristic"),
                           _fmt(ours and ours["gbps"], ".0f"), _fmt(ours and ours["pct_of_copy"], ".1f"),
                           _fmt(ours and ours["pct_of_copy_single_read"], ".1f"),
                           peak if pass_ == "fwd+bwd" else "–",
                           _fmt(ours and ours["max_abs_err"], ".2g")))
-        lines += _table(("shape", "dtype", "layout", "tritonbn ms", "torch ms", "compile ms",
-                         "× torch", "× compile", "× heuristic", "GB/s", "% copy", "% copy 1-read",
+        lines += _table(("shape", "dtype", "layout", "tb path", "tritonbn ms", "torch ms",
+                         "compile ms", "× torch", "× compile", "× heuristic", "GB/s", "% copy", "% copy 1-read",
                          "peak MiB (tb / torch / compile)", "max abs err"), table) + [""]
         for kind in ("speedup", "pct"):
             if (set_, op, pass_, kind) in plots:
                 lines.append(f"![{kind} {set_} {op} {pass_}]({plots[(set_, op, pass_, kind)]})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _paths(records) -> list[str]:
+    """The split path against the single-program one, where both were timed."""
+    rows = []
+    for k, impls in by_key(records).items():
+        split, fused = impls.get("tritonbn_split"), impls.get("tritonbn_fused")
+        if split and fused:
+            ratio = speedup(fused, split)
+            rows.append((k[0], _shape(k[1]), k[2], k[3], k[4], k[5], f"{split['ms']:.4g}",
+                         f"{fused['ms']:.4g}", fused.get("path", "–"), _fmt(ratio)))
+    if not rows:
+        return []
+    return ["## Paths: split against single-program", "",
+            "tritonbn forced onto each path (`--impls tritonbn_split,tritonbn_fused`); "
+            "\"ran\" is the path the fused run took (split where its tile does not fit). "
+            "Ratio = split ms / single-program ms: above 1 the single-program path is faster.",
+            ""] + _table(("set", "shape", "layout", "dtype", "op", "pass", "split ms",
+                          "single-program ms", "ran", "ratio"), rows) + [""]
 
 
 def _sections(records) -> dict:

@@ -11,8 +11,11 @@ from .model import OPS, PASSES
 
 SCHEMA_VERSION = 1
 # tritonbn_heuristic: tritonbn with every launch on its heuristic config (no tuned
-# or shipped configs), to measure what tuning gains; run it with --impls.
-IMPLS = ("tritonbn", "torch", "torch_compile", "tritonbn_heuristic")
+# or shipped configs), to measure what tuning gains; tritonbn_split and
+# tritonbn_fused: tritonbn forced onto one path (the fused one where its tile fits;
+# each record's "path" says which ran), to set the dispatch threshold. --impls.
+IMPLS = ("tritonbn", "torch", "torch_compile", "tritonbn_heuristic", "tritonbn_split",
+         "tritonbn_fused")
 DEFAULT_IMPLS = IMPLS[:3]
 BACKENDS = ("triton", "triton-interpreter", "cudnn", "native", "inductor")
 LAYOUTS = ("NCHW", "channels_last", "contiguous")
@@ -96,6 +99,8 @@ def problems(doc) -> list[str]:
                     out.append(f"{where}: {name} is null (non-finite output) but ok is true")
             elif not r[name] >= 0:
                 out.append(f"{where}: {name} must be a number >= 0 or null, got {r[name]}")
+        if r.get("path") not in (None, "split", "fused"):
+            out.append(f"{where}: path={r['path']!r} not split or fused")
         k = record_id(r)
         if k in seen:
             out.append(f"{where}: duplicate record for {k}")

@@ -22,7 +22,12 @@ STRESS = [(16, 64, 256, 256), (20, 6, 65536), (32, 2048, 7, 7)] + \
 # positions, few channels with a long axis (BatchNorm1d 3-D), and (N, C) input
 QUICK = [(256, 64, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7), (20, 6, 65536), (3136, 256)]
 
-SET_NAMES = ("quick", "resnet50", "stress")
+# where the split and the single-program paths both apply (issue 15's comparison):
+# BatchNorm1d over 256 to 16384 samples, ResNet-50's 7x7 and 14x14 layers at batch 32
+PATHS = [(n, 512) for n in (256, 1024, 4096, 16384)] + \
+        [(32, 512, 7, 7), (32, 2048, 7, 7), (32, 256, 14, 14), (32, 1024, 14, 14)]
+
+SET_NAMES = ("quick", "resnet50", "stress", "paths")
 SUBSETS = ("resnet50/b256", "resnet50/b32")  # one batch regime of resnet50
 
 
@@ -71,6 +76,8 @@ def cases(name: str, tiny_shapes: bool = False) -> list[Case]:
         out = [Case("stress", s) for s in STRESS]
     elif name == "quick":
         out = [Case("quick", s) for s in QUICK]
+    elif name == "paths":
+        out = [Case("paths", s) for s in PATHS]
     else:
         raise ValueError(f"unknown shape set {name!r}; choose from "
                          f"{', '.join(SET_NAMES + SUBSETS)} or all")
