@@ -4,8 +4,11 @@ For each (shape, layout, dtype), without and with a residual: one training step 
 tritonbn.BatchNorm (relu; relu(bn(x) + z) with the residual, which also writes and
 reads the 1-bit mask) against torch.nn.BatchNorm + relu run in float32 on the same
 data, with every buffer tritonbn allocates poisoned first (NaN; the mask 0xA5).
-Writes a JSON record.
+Each on both paths (ops.launch_overrides(path=...)): the split kernels, and the
+single-program ones where the tile fits (the small shapes; the split path
+elsewhere, as the record's "path" says). Writes a JSON record.
 Usage: python perf/check_realistic.py --out results.json [--small] [--dtypes float16,float32]
+                                      [--paths split,fused]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 import tritonbn
+from tritonbn import ops
 from tritonbn.perf.bench import bn_class
 from tritonbn.testing import poisoned_allocations
 
@@ -76,6 +80,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="tiny shapes (for compute-sanitizer)")
     p.add_argument("--dtypes", default="float16,bfloat16,float32",
                    help="comma-separated (default float16,bfloat16,float32)")
+    p.add_argument("--paths", default="split,fused", help="comma-separated (default both)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("check_realistic: no CUDA device", file=sys.stderr)
@@ -83,9 +88,14 @@ def main(argv=None):
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     records = []
     for shape, layout in (SMALL if args.small else SHAPES):
-        for dtype, residual in itertools.product(dtypes, (False, True)):
-            with poisoned_allocations():  # every buffer tritonbn allocates starts poisoned
+        for dtype, residual, path in itertools.product(dtypes, (False, True),
+                                                       args.paths.split(",")):
+            # every buffer tritonbn allocates starts poisoned
+            with poisoned_allocations(), ops.launch_overrides(path=path):
                 r = check(shape, layout, dtype, residual)
+                x = torch.empty(shape, device="cuda")
+                r["path"] = ops.path_of(x.to(memory_format=torch.channels_last)
+                                        if layout == "channels_last" else x)
             print(json.dumps(r), flush=True)
             records.append(r)
             torch.cuda.empty_cache()
