@@ -252,3 +252,26 @@ def test_host_benchmark_and_its_report(tmp_path):
     assert "host time per call" in text and "bn_add_relu train fwd+bwd" in text
     with pytest.raises(ValueError, match="kind"):
         host.validate({"kind": "bench"})
+
+
+def test_autotuning_leaves_the_single_program_path_alone(monkeypatch, tmp_path):
+    """TRITONBN_AUTOTUNE=1 tunes the split kernels; a shape on the single-program path
+    has nothing to tune and keeps its two launches (simulate_gpu: as on a GPU)."""
+    from tritonbn.perf.host import stubbed_launches
+    from tritonbn.tuning import tuner
+
+    monkeypatch.setenv("TRITONBN_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITONBN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_stores", {})
+    tuned = []
+    monkeypatch.setattr(tuner, "tune", lambda *a, **k: tuned.append(a) or [])
+    bn = tritonbn.BatchNorm2d(3, activation="relu")
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    launches = []
+    with tuning.simulate_gpu(timer=lambda fn: 1.0, gpu="Autotune Test GPU"):
+        with stubbed_launches(launches):
+            bn(x).backward(torch.ones(2, 3, 4, 4))
+        assert tuned == [] and launches == ["fused_forward_kernel", "fused_backward_kernel"]
+        with stubbed_launches(launches), ops.launch_overrides(path="split"):
+            bn(x).backward(torch.ones(2, 3, 4, 4))
+    assert tuned  # the split path's kernels were offered for tuning

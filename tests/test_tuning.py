@@ -27,12 +27,15 @@ pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter-side tuning
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """An empty cache directory, an empty shipped-configs directory, default mode."""
+    """An empty cache directory, an empty shipped-configs directory, default mode, and
+    the split path: tuned configs are the split kernels' (these shapes are small
+    enough for the single-program path, which has none)."""
     monkeypatch.setenv("TRITONBN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cache, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.delenv("TRITONBN_AUTOTUNE", raising=False)
     monkeypatch.setattr(tuning, "_stores", {})
-    yield tmp_path
+    with ops.launch_overrides(path="split"):
+        yield tmp_path
 
 
 class FakeTimer:
@@ -47,7 +50,7 @@ class FakeTimer:
     def __call__(self, fn):
         self.calls += 1
         fn()
-        forced = [c for k, c in ops._overrides.items() if k != "int64" and c is not None]
+        forced = [c for k, c in ops._overrides.items() if k in heuristics.KERNELS and c is not None]
         return self.cost(forced[-1])
 
 

@@ -401,7 +401,9 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
             mean, s, count = global_stats(x, v, running_mean, running_var,
                                           num_batches_tracked, momentum, eps, comm)
         return torch.empty_like(x), x, v, mean, s, None, count
-    if comm is not None or tuning.autotuning():
+    # SyncBatchNorm's collectives, and tuning on first use (TRITONBN_AUTOTUNE=1) of the
+    # split kernels, go kernel by kernel; everything else from a cached plan
+    if comm is not None or (tuning.autotuning() and _fused_tile(x, v) is None):
         mean, s, count = statistics(x, v, batch, running_mean, running_var,
                                     num_batches_tracked, momentum, eps, comm)
         y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
@@ -611,7 +613,7 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
     reduce = need_dw or need_db or (need_dx and batch)
     elementwise = need_dx or need_dz
-    if comm is None and not tuning.autotuning():
+    if comm is None and not (tuning.autotuning() and _fused_tile(x, v) is None):
         dx, dw, db, dz2 = _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps,
                                             activation, slope, z, mask, need_dx, need_dw,
                                             need_db, need_dz, reduce)
