@@ -11,31 +11,24 @@ dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat 
 import triton
 import triton.language as tl
 
-from .common import (RES_MASK, RES_RELOAD, act_grad, act_grad_keep, channel_block,
-                     channel_params, mask_tile, tile_range, tile_rows, unpack_bits)
+from .common import (RES_MASK, channel_block, channel_params, load_dy_xhat, mask_tile,
+                     tile_range, tile_rows)
 
 
 @triton.jit
-def load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd, scale, b, slope,
-                 M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner, mcoffs,
+def tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd, scale, b,
+                 slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner, mcoffs,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
                  INT64: tl.constexpr, ACC: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr):
-    """dy' = dy * act'(pre) and xhat of tile t, pre exactly as normalize_kernel has it."""
-    x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-    xc = x - mean[None, :]
+    """load_dy_xhat of tile t: its mask bytes (mask_tile) where RES_MASK reads them."""
+    moffs = 0
+    mmask = False
     if RES == RES_MASK:
         moffs, mvalid = mask_tile(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner,
                                   mcoffs, BLOCK_M, CHANNEL_LAST, INT64)
-        packed = tl.load(mask_ptr + moffs, mask=mvalid[:, None] & cmask[None, :],
-                         other=0)
-        dy = act_grad_keep(dy, unpack_bits(packed, BLOCK_M, BLOCK_C), slope, ACT)
-    else:
-        pre = xc * scale[None, :] + b[None, :]
-        if RES == RES_RELOAD:
-            pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        dy = act_grad(dy, pre, slope, x_ptr.dtype.element_ty, ACT)
-    return dy, xc * invstd[None, :]
+        mmask = mvalid[:, None] & cmask[None, :]
+    return load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean, invstd,
+                        scale, b, slope, BLOCK_M, BLOCK_C, ACC, ACT, RES)
 
 
 @triton.jit
@@ -60,7 +53,7 @@ def bwd_reduce_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
+        dy, xhat = tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
                                 scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
                                 ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
                                 ACT, RES)
@@ -127,7 +120,7 @@ def bwd_dx_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
+        dy, xhat = tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
                                 scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
                                 ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
                                 ACT, RES)

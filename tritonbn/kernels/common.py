@@ -81,15 +81,23 @@ def channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
         invstd = 1.0 / tl.sqrt(s + eps)
     else:
         invstd = s
+    w, b = channel_affine(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACC)
+    return mean, invstd, w, b
+
+
+@triton.jit
+def channel_affine(w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   ACC: tl.constexpr):
+    """weight and bias of the block's channels (1 and 0 without them), in ACC."""
     if HAS_W:
         w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(ACC)
     else:
-        w = tl.zeros_like(mean) + 1.0
+        w = tl.zeros(c.shape, ACC) + 1.0
     if HAS_B:
         b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
     else:
-        b = tl.zeros_like(mean)
-    return mean, invstd, w, b
+        b = tl.zeros(c.shape, ACC)
+    return w, b
 
 
 @triton.jit
@@ -156,6 +164,27 @@ def act_grad_keep(dy, keep, slope, ACT: tl.constexpr):
     elif ACT == ACT_LEAKY_RELU:
         dy = tl.where(keep, dy, dy * slope)
     return dy
+
+
+@triton.jit
+def load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean, invstd, scale,
+                 b, slope, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                 ACT: tl.constexpr, RES: tl.constexpr):
+    """dy' = dy * act'(pre) and xhat of a [BLOCK_M, BLOCK_C] tile at ptrs: act'(pre) from
+    the mask's bytes at moffs (valid where mmask) under RES_MASK, else from pre
+    recomputed exactly as the forward has it (with z reloaded under RES_RELOAD)."""
+    x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+    xc = x - mean[None, :]
+    if RES == RES_MASK:
+        packed = tl.load(mask_ptr + moffs, mask=mmask, other=0)
+        dy = act_grad_keep(dy, unpack_bits(packed, BLOCK_M, BLOCK_C), slope, ACT)
+    else:
+        pre = xc * scale[None, :] + b[None, :]
+        if RES == RES_RELOAD:
+            pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
+        dy = act_grad(dy, pre, slope, x_ptr.dtype.element_ty, ACT)
+    return dy, xc * invstd[None, :]
 
 
 @triton.jit

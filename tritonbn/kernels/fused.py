@@ -17,8 +17,8 @@ Rows of the tile: channel-last, row r is outer position r; channel-first, row r 
 import triton
 import triton.language as tl
 
-from .common import (RES_MASK, RES_RELOAD, act_grad, act_grad_keep, act_keep, activate,
-                     channel_block, channel_params, pack_bits, unpack_bits)
+from .common import (RES_MASK, act_keep, activate, channel_affine, channel_block,
+                     channel_params, load_dy_xhat, pack_bits)
 
 
 @triton.jit
@@ -89,14 +89,7 @@ def fused_forward_kernel(
         tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
         tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)
     if WRITE_Y:
-        if HAS_W:
-            w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(ACC)
-        else:
-            w = tl.zeros_like(mean) + 1.0
-        if HAS_B:
-            b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
-        else:
-            b = tl.zeros_like(mean)
+        w, b = channel_affine(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACC)
         pre = xc * (invstd * w)[None, :] + b[None, :]
         if HAS_RES:
             pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
@@ -134,22 +127,17 @@ def fused_backward_kernel(
                              INT64)
     mask = rmask[:, None] & cmask[None, :]
     ptrs = offs[:, None] + coffs[None, :]
-    x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-    xc = x - mean[None, :]
+    moffs = 0
+    mmask = False
     if RES == RES_MASK:
         _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
         moffs, mvalid = whole_mask_bytes(M_OUTER, M_INNER, ms_outer, ms_inner, mcoffs, BLOCK_M,
                                          BLOCK_I, CHANNEL_LAST, INT64)
-        packed = tl.load(mask_ptr + moffs, mask=mvalid[:, None] & cmask[None, :], other=0)
-        dy = act_grad_keep(dy, unpack_bits(packed, BLOCK_M, BLOCK_C), slope, ACT)
-    else:
-        pre = xc * scale[None, :] + b[None, :]
-        if RES == RES_RELOAD:
-            pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-        dy = act_grad(dy, pre, slope, x_ptr.dtype.element_ty, ACT)
+        mmask = mvalid[:, None] & cmask[None, :]
+    dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean,
+                            invstd, scale, b, slope, BLOCK_M, BLOCK_C, ACC, ACT, RES)
     dy = tl.where(mask, dy, 0.0)
-    xhat = tl.where(mask, xc * invstd[None, :], 0.0)
+    xhat = tl.where(mask, xhat, 0.0)
     sum_dy = tl.sum(dy, axis=0)
     sum_dy_xhat = tl.sum(dy * xhat, axis=0)
     if HAS_DW:
