@@ -99,9 +99,13 @@ def _budget(seconds: float) -> str:
     return str(max(1, int(seconds)))
 
 
+def _xdist() -> list:
+    """pytest-xdist's options where it is installed (the GPU machine): compiles in parallel."""
+    return ["-n", "8"] if importlib.util.find_spec("xdist") else []
+
+
 def _smoke(ctx):
-    par = ["-n", "8"] if importlib.util.find_spec("xdist") else []
-    yield Cmd([PY, "-m", "pytest", "-q", "-m", "gpu_smoke", *par, "-p", "no:cacheprovider",
+    yield Cmd([PY, "-m", "pytest", "-q", "-m", "gpu_smoke", *_xdist(), "-p", "no:cacheprovider",
                f"--junitxml={ctx.work / 'smoke.xml'}", "tests"])
 
 
@@ -170,8 +174,7 @@ def _report(ctx):
 
 
 def _tests(ctx):
-    par = ["-n", "8"] if importlib.util.find_spec("xdist") else []
-    yield Cmd([PY, "-m", "pytest", "-q", *par, "-p", "no:cacheprovider", "tests"])
+    yield Cmd([PY, "-m", "pytest", "-q", *_xdist(), "-p", "no:cacheprovider", "tests"])
 
 
 def _compiled(ctx):

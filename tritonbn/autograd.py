@@ -29,13 +29,17 @@ class Spec:
         self.eps, self.activation, self.slope, self.comm = eps, activation, slope, comm
 
 
+def _forward(x, weight, bias, residual, spec: Spec):
+    """ops.forward of a call."""
+    return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
+                       spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
+                       spec.activation, residual=residual, slope=spec.slope, comm=spec.comm)
+
+
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, spec: Spec):
-        y, xk, v, mean, s, mask, count = ops.forward(
-            x, weight, bias, spec.running_mean, spec.running_var, spec.num_batches_tracked,
-            spec.batch, spec.momentum, spec.eps, spec.activation, residual=residual,
-            slope=spec.slope, comm=spec.comm)
+        y, xk, v, mean, s, mask, count = _forward(x, weight, bias, residual, spec)
         mode = ops.residual_mode(spec.activation, residual is not None)
         ctx.save_for_backward(xk, weight, bias, mean, s, mask if mode == ops.RES_MASK else None,
                               residual if mode == ops.RES_RELOAD else None, count)
@@ -86,10 +90,7 @@ def batch_norm(x, weight, bias, residual, spec: Spec):
             x.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad))):
-        return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
-                           spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
-                           spec.activation, residual=residual, slope=spec.slope,
-                           comm=spec.comm)[0]
+        return _forward(x, weight, bias, residual, spec)[0]
     if _C_APPLY is None or torch._C._are_functorch_transforms_active():
         return BatchNormFunction.apply(x, weight, bias, residual, spec)
     return _C_APPLY(x, weight, bias, residual, spec)

@@ -79,6 +79,13 @@ def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
     return grid, args, meta
 
 
+@functools.lru_cache(maxsize=4096)
+def split_of(v: View, cfg: Config) -> int:
+    """The partials a tile kernel's launch on cfg writes: its grid's second axis (what a
+    combine sums, and what its config is selected for)."""
+    return plan(v, cfg)[0][1]
+
+
 def plan_combine(C: int, cfg: CombineConfig) -> tuple[tuple[int], dict]:
     """Grid and launch meta-parameters for a combine kernel over C channels."""
     return (cdiv(C, cfg.BLOCK_C),), dict(BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,

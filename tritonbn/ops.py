@@ -148,6 +148,16 @@ def _remember(key, value):
     return value
 
 
+def _select(kernel, x, v, split=None):
+    """The config kernel launches with: forced, else tuned for x's bucket, else heuristic."""
+    return _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
+
+
+def _int64(v: View) -> bool:
+    """64-bit offsets: forced, or needed (2**31 elements or more)."""
+    return _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
+
+
 def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tuple = (),
             names: tuple = ()):
     """(grid, scalar arguments of fn in order, launch options) of a tile kernel over x:
@@ -156,8 +166,8 @@ def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tu
     the tile holds a multiple of 8 reduced-axis positions (whole bytes of the mask).
     Cached per (kernel, view, config, mask, offsets, dtype, extra): a change in any
     of them, a newly tuned config too, is a new entry."""
-    cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting())
-    int64 = _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
+    cfg = _select(kernel, x, v)
+    int64 = _int64(v)
     key = (kernel, v, cfg, mask is not None, int64, x.dtype, extra)
     hit = _plans.get(key)
     if hit is None:
@@ -184,7 +194,7 @@ def _launch_fused(fn: str, x: torch.Tensor, v: View, tile: tuple, mask=None, ext
                   names: tuple = ()):
     """(grid, scalar arguments of fn in order, launch options) of a single-program
     kernel over x on tile (heuristics.fused_tile); cached as _launch's are."""
-    int64 = _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
+    int64 = _int64(v)
     key = (fn, v, tile, mask is not None, int64, x.dtype, extra)
     hit = _plans.get(key)
     if hit is None:
@@ -201,7 +211,7 @@ def _launch_combine(kernel: str, fn: str, x: torch.Tensor, v: View, split: int,
                     extra: tuple = (), names: tuple = ()):
     """(grid, scalar arguments of fn in order, launch options) of a combine kernel
     over `split` partials; cached as _launch's are."""
-    cfg = _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
+    cfg = _select(kernel, x, v, split)
     key = (kernel, v.C, cfg, x.dtype, split, extra)
     hit = _plans.get(key)
     if hit is None:
@@ -258,14 +268,20 @@ def global_stats(x, v, running_mean, running_var, num_batches_tracked, momentum,
                          momentum, eps, count_out=True)
 
 
-def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked, momentum,
-                  eps, *, partial_out=None, count_out=False):
-    """The stats_combine kernel alone, over partials [3, split, C]: (mean, invstd, count or None),
-    running stats updated when given; with partial_out, only the combined partial."""
+def _running_flags(running_mean, running_var, num_batches_tracked, momentum) -> tuple:
+    """(update the running stats?, momentum=None's 1/num_batches_tracked?)"""
     update = running_mean is not None and running_var is not None
     from_nbt = update and momentum is None
     if from_nbt and num_batches_tracked is None:
         raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
+    return update, from_nbt
+
+
+def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked, momentum,
+                  eps, *, partial_out=None, count_out=False):
+    """The stats_combine kernel alone, over partials [3, split, C]: (mean, invstd, count or None),
+    running stats updated when given; with partial_out, only the combined partial."""
+    update, from_nbt = _running_flags(running_mean, running_var, num_batches_tracked, momentum)
     split = partials.shape[1]
     mean = invstd = count = None
     if partial_out is None:
@@ -342,10 +358,8 @@ def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked
                             eps, comm)
     tile = _fused_tile(x, v)
     if tile is not None:  # the single-program kernel, statistics only
-        update = running_mean is not None and running_var is not None
-        from_nbt = update and momentum is None
-        if from_nbt and num_batches_tracked is None:
-            raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
+        update, from_nbt = _running_flags(running_mean, running_var, num_batches_tracked,
+                                          momentum)
         mean = torch.empty(v.C, dtype=_acc(x.dtype)[0], device=x.device)
         s = torch.empty_like(mean)
         g, a, o = _launch_fused("fused_forward_kernel", x, v, tile, None,
@@ -403,7 +417,7 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
         return torch.empty_like(x), x, v, mean, s, None, count
     # SyncBatchNorm's collectives, and tuning on first use (TRITONBN_AUTOTUNE=1) of the
     # split kernels, go kernel by kernel; everything else from a cached plan
-    if comm is not None or (tuning.autotuning() and _fused_tile(x, v) is None):
+    if comm is not None or (tuning.mode() == 1 and _fused_tile(x, v) is None):
         mean, s, count = statistics(x, v, batch, running_mean, running_var,
                                     num_batches_tracked, momentum, eps, comm)
         y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
@@ -420,10 +434,8 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
     """forward's launches from a cached plan (issue 14: host time): the same kernels,
     configs and arguments batch_stats and apply would launch, without rebuilding
     them per call. Returns y, mean, s and the bit mask (or None)."""
-    p = _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum, eps,
-                      activation, slope, z is not None)
-    if p.from_nbt and num_batches_tracked is None:
-        raise TypeError("momentum=None needs num_batches_tracked for its cumulative average")
+    p = _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
+                      momentum, eps, activation, slope, z is not None)
     acc, dev = p.acc, x.device
     mask = torch.empty(p.mask, dtype=torch.uint8, device=dev) if p.mask else None
     if p.fused is not None:  # one launch: statistics, running stats, y and the mask
@@ -465,23 +477,19 @@ class _FwdPlan:
                  "from_nbt", "fused")
 
 
-def _select(kernel, x, v, split=None):
-    return _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
-
-
-def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum, eps,
-                  activation, slope, has_z) -> _FwdPlan:
+def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
+                  momentum, eps, activation, slope, has_z) -> _FwdPlan:
     """The cached plan of this forward signature. Its key holds every input of the
     plan: the view, dtype, device, flags, scalars and each kernel's selected config,
     so a newly tuned config, a forced one or other strides make a new plan."""
-    update = batch and running_mean is not None and running_var is not None
-    from_nbt = update and momentum is None
+    update, from_nbt = (_running_flags(running_mean, running_var, num_batches_tracked, momentum)
+                        if batch else (False, False))
     tile = _fused_tile(x, v) if batch else None
     if tile is not None:
         cfgs = ("fused", tile)
     elif batch:
         cfg_s = _select("stats", x, v)
-        split = _split(v, cfg_s)
+        split = heuristics.split_of(v, cfg_s)
         cfgs = (cfg_s, _select("stats_combine", x, v, split), _select("normalize", x, v))
     else:
         cfgs = (_select("normalize", x, v),)
@@ -514,13 +522,6 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, batch, momentum
         (*_act_args(weight, bias, batch, eps, activation, slope), has_z, mask),
         _ACT + ("HAS_RES", "WRITE_MASK"))
     return _remember(key, p)
-
-
-@functools.lru_cache(maxsize=4096)
-def _split(v: View, cfg) -> int:
-    """The splits (partials) a tile kernel's launch on cfg writes: its grid's 2nd axis
-    (what a combine's config is selected for, before the reduce's plan exists)."""
-    return heuristics.plan(v, cfg)[0][1]
 
 
 def _res(x, z, mask) -> tuple:
@@ -613,7 +614,7 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
     reduce = need_dw or need_db or (need_dx and batch)
     elementwise = need_dx or need_dz
-    if comm is None and not (tuning.autotuning() and _fused_tile(x, v) is None):
+    if comm is None and not (tuning.mode() == 1 and _fused_tile(x, v) is None):
         dx, dw, db, dz2 = _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps,
                                             activation, slope, z, mask, need_dx, need_dw,
                                             need_db, need_dz, reduce)
@@ -648,11 +649,12 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     configs and arguments grad_sums and grad_input would launch, without rebuilding
     them per call. Its key, like _forward_plan's, holds everything the plan is made of."""
     elementwise = need_dx or need_dz
+    z_ptr, mask_ptr, res = _res(x, z, mask)
     tile = _fused_tile(x, v) if reduce else None
     cfgs = ("fused", tile) if tile is not None else ()
     if reduce and tile is None:
         cfg_r = _select("bwd_reduce", x, v)
-        cfgs = (cfg_r, _select("bwd_combine", x, v, _split(v, cfg_r)))
+        cfgs = (cfg_r, _select("bwd_combine", x, v, heuristics.split_of(v, cfg_r)))
     if elementwise and tile is None:
         cfgs += (_select("dx", x, v),)
     key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
@@ -663,7 +665,6 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
         p = _BwdPlan()
         p.acc, p.fused = _acc(x.dtype)[0], None
         act = _act_args(weight, bias, batch, eps, activation, slope)
-        res = RES_MASK if mask is not None else RES_RELOAD if z is not None else RES_NONE
         if tile is not None:
             p.fused = _launch_fused(
                 "fused_backward_kernel", x, v, tile, mask,
@@ -681,8 +682,6 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
                            (*act, res, False, batch and need_dx, need_dx, need_dz),
                            _ACT + ("RES", "COUNT_FROM_PTR", "TRAINING", "WRITE_DX", "WRITE_DZ"))
         _remember(key, p)
-    z_ptr = z if z is not None else x
-    mask_ptr = mask if mask is not None else x
     w = weight if weight is not None else s
     b = bias if bias is not None else s
     sums = dx = dw = db = dz = None

@@ -25,6 +25,7 @@ bytes read + bytes written (``copy_bandwidth``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
@@ -325,8 +326,6 @@ def run_case(case: shapes.Case, layout: str, dtype_name: str, op: str, opts: Opt
 
 def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
               x, dy, weight, bias, z, ref):
-    import contextlib
-
     from .. import ops
     from ..tuning import heuristics_only
 

@@ -93,11 +93,6 @@ def config_from_dict(d: dict):
         raise ValueError(f"config {d!r}: {e}") from None
 
 
-def split_of(v, cfg: Config) -> int:
-    """The partials a tile kernel's launch on cfg writes: its grid's second axis."""
-    return heuristics.plan(v, cfg)[0][1]
-
-
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
@@ -141,7 +136,7 @@ class Case:
                      for k in TILE_KERNELS}
         for combine, reduce in COMBINE_OF.items():
             self.heur[combine] = heuristics.heuristic_combine(self.v.C,
-                                                              split_of(self.v, self.heur[reduce]))
+                                                              heuristics.split_of(self.v, self.heur[reduce]))
         self._data = None
         self._refs = {}  # kernel -> the heuristic's outputs, or the exception instead
 
@@ -160,7 +155,7 @@ class Case:
 
     def split(self, kernel: str, cfg) -> int:
         """Partials per channel: a tile kernel's own split, a combine's reduce's."""
-        return split_of(self.v, cfg if kernel in TILE_KERNELS else self.heur[COMBINE_OF[kernel]])
+        return heuristics.split_of(self.v, cfg if kernel in TILE_KERNELS else self.heur[COMBINE_OF[kernel]])
 
     def overrides(self, kernel: str, cfg) -> dict:
         """Every kernel's config for a run of kernel on cfg: the heuristics, and for a
@@ -168,7 +163,7 @@ class Case:
         configs = dict(self.heur, **{kernel: cfg})
         if kernel in REDUCE_KERNELS:
             configs[COMBINE_FOR[kernel]] = heuristics.heuristic_combine(self.v.C,
-                                                                        split_of(self.v, cfg))
+                                                                        heuristics.split_of(self.v, cfg))
         return configs
 
     @property
@@ -186,8 +181,8 @@ class Case:
                             rv=torch.ones(C, **acc),
                             nbt=torch.ones((), dtype=torch.int64, device=self.device))
         if self.synthetic:
-            d.partials = torch.full((3, split_of(v, self.heur["stats"]), C), 2.0, **acc)
-            d.gpartials = torch.full((2, split_of(v, self.heur["bwd_reduce"]), C), 2.0, **acc)
+            d.partials = torch.full((3, heuristics.split_of(v, self.heur["stats"]), C), 2.0, **acc)
+            d.gpartials = torch.full((2, heuristics.split_of(v, self.heur["bwd_reduce"]), C), 2.0, **acc)
             d.mean, d.invstd = torch.zeros(C, **acc), torch.ones(C, **acc)
             d.sums = torch.zeros((2, C), **acc)
             return d

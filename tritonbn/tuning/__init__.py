@@ -41,11 +41,6 @@ def _warn_bad_mode(value: str) -> None:
                   "shipped configs, else heuristics, never tuning on first use)", stacklevel=3)
 
 
-def autotuning() -> bool:
-    """Whether TRITONBN_AUTOTUNE asks for tuning on first use (cheap: every call asks)."""
-    return os.environ.get("TRITONBN_AUTOTUNE", "0") not in ("0", "")
-
-
 def mode() -> int:
     """TRITONBN_AUTOTUNE: 0 (default) or 1; anything else warns once and means 0."""
     value = os.environ.get("TRITONBN_AUTOTUNE", "0").strip() or "0"

@@ -151,7 +151,7 @@ def _tune_one(kernel, stages, timer, interpret, limit, fixed) -> Result | None:
         # the split the combine sums is that of the config its reduce really launches with
         parent = heuristics.COMBINE_OF[kernel]
         parent_cfg = fixed.get(parent) or select(parent, x, v, interpret)
-        split = heuristics.plan(v, parent_cfg)[0][1]
+        split = heuristics.split_of(v, parent_cfg)
         default = heuristics.heuristic_combine(v.C, split)
         rounds = [lambda best: space.combine_candidates(kernel, v.C, split, best)]
 
