@@ -259,6 +259,9 @@ def plot(doc: dict, out_dir: str) -> dict:
                     ax.set_title(f"{dtype}, {layout}", fontsize=9)
             what = "tritonbn speedup (baseline ms / tritonbn ms)" if kind == "speedup" else \
                 "% of copy ceiling, two-pass byte model"
+            if not drawn:  # no series had a value (e.g. no baseline ran): no figure
+                plt.close(fig)
+                continue
             fig.suptitle(f"{what}: {set_} {op} {pass_}\n{title_env}", fontsize=10)
             handles, labels = [], []
             for ax in axes.flat:
@@ -270,10 +273,9 @@ def plot(doc: dict, out_dir: str) -> dict:
             fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                        bbox_to_anchor=(0.5, top), frameon=False)
             fig.tight_layout(rect=(0, 0, 1, top - 0.25 / fig.get_figheight()))
-            if drawn:
-                name = f"{kind}_{_slug(set_, op, pass_)}.png"
-                fig.savefig(os.path.join(out_dir, name), dpi=90, metadata={"Software": None})
-                files[(set_, op, pass_, kind)] = name
+            name = f"{kind}_{_slug(set_, op, pass_)}.png"
+            fig.savefig(os.path.join(out_dir, name), dpi=90, metadata={"Software": None})
+            files[(set_, op, pass_, kind)] = name
             plt.close(fig)
     return files
 
