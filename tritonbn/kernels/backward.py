@@ -45,8 +45,10 @@ def bwd_reduce_kernel(
                                         FROM_VAR, HAS_W, HAS_B, ACC)
     scale = invstd * w
     _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    # per-lane sums in registers, reduced across the tile once after the loop: no
+    # cross-warp reduction (and no barrier) per tile (the first GPU lease)
+    acc_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    acc_dy_xhat = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
         offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
@@ -57,8 +59,10 @@ def bwd_reduce_kernel(
                                 scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
                                 ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
                                 ACT, RES)
-        sum_dy += tl.sum(dy, axis=0)
-        sum_dy_xhat += tl.sum(dy * xhat, axis=0)
+        acc_dy += dy
+        acc_dy_xhat += dy * xhat
+    sum_dy = tl.sum(acc_dy, axis=0)
+    sum_dy_xhat = tl.sum(acc_dy_xhat, axis=0)
     split_offs = tl.program_id(1) * C + c
     plane = tl.num_programs(1) * C
     tl.store(partials_ptr + split_offs, sum_dy, mask=cmask)
