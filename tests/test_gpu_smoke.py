@@ -99,3 +99,36 @@ def test_smoke_empty_batch_and_eval_only():
     ours.eval(), ref.eval()
     check_steps(ours, ref, (16, 8, 28, 28) if DEVICE == "cuda" else (2, 8, 3, 3),
                 torch.channels_last, F32, steps=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels exist on a GPU only")
+@pytest.mark.parametrize("shape,cl,residual", [((32, 256, 14, 14), True, True),
+                                               ((16, 64, 7, 7), False, False)],
+                         ids=["split_cl_mask", "fused_nchw"])
+def test_smoke_fast_launch_equals_the_jit(monkeypatch, shape, cl, residual):
+    """Training steps launched through the kept compiled kernels (ops._go) give
+    bit for bit what the same steps launched through Triton's JIT give: y, every
+    grad and the running stats; and the fast launches did happen."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(ops, "_FAST_LAUNCH", fast)
+        ops._plans.clear()
+        torch.manual_seed(0)
+        m = tritonbn.BatchNorm2d(shape[1], activation="relu", device=DEVICE)
+        out = []
+        for _ in range(3):
+            x = torch.randn(shape, device=DEVICE, dtype=F16).to(memory_format=fmt) + 1.5
+            x.requires_grad_()
+            z = torch.randn_like(x, requires_grad=True) if residual else None
+            y = m(x, z)
+            y.backward(torch.randn_like(y))
+            out += [y, x.grad, m.weight.grad.clone(), m.bias.grad.clone()]
+            out += [z.grad] if residual else []
+            m.weight.grad = m.bias.grad = None
+        out += [m.running_mean, m.running_var]
+        kept = [p.compiled for p in ops._plans.values() if hasattr(p, "compiled")]
+        assert all(not c for c in kept) if not fast else any(kept)
+        results.append(out)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

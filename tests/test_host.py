@@ -275,3 +275,99 @@ def test_autotuning_leaves_the_single_program_path_alone(monkeypatch, tmp_path):
         with stubbed_launches(launches), ops.launch_overrides(path="split"):
             bn(x).backward(torch.ones(2, 3, 4, 4))
     assert tuned  # the split path's kernels were offered for tuning
+
+
+class _FakeCompiled:
+    """Stands in for a CompiledKernel (the interpreter makes none): records launches."""
+    function, packed_metadata = "function-handle", "packed-metadata"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def run(self, *args):
+        self.calls.append(("run", args))
+
+
+class _FakeJit:
+    """Stands in for a JITFunction: fn[grid](*args, **options) records and returns a
+    compiled kernel."""
+
+    def __init__(self, calls):
+        self.calls, self.pre_run_hooks = calls, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **options):
+            self.calls.append(("jit", grid, args, options))
+            return _FakeCompiled(self.calls)
+        return launch
+
+
+def test_a_planned_launch_calls_the_compiled_kernel_while_its_specialization_holds(monkeypatch):
+    """ops._go: the first launch goes through the JIT; later ones through the kept
+    kernel's launcher with what the JIT passes (grid, stream, handle, metadata, then
+    every argument in order), until a pointer's dtype or alignment, the device or a
+    hook changes, which go through the JIT again."""
+    if ops.interpreting():  # the kernels really run under the interpreter: no fast path
+        assert not ops._FAST_LAUNCH
+    monkeypatch.setattr(ops, "_FAST_LAUNCH", True)
+    device = [0]
+    monkeypatch.setattr(ops, "_device_stream", lambda: (device[0], 1234))
+    calls = []
+    fn, compiled = _FakeJit(calls), {}
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    launch = ((3, 2), (5, 7, True), dict(num_warps=4, num_stages=3))
+
+    def last():
+        kind, *rest = calls[-1]
+        return kind, rest
+
+    ops._go(fn, launch, compiled, "k", x, y)
+    kind, (grid, args, options) = last()
+    assert kind == "jit" and grid == (3, 2) and options == launch[2]
+    assert args[0] is x and args[1] is y and args[2:] == (5, 7, True)
+    for _ in range(2):
+        ops._go(fn, launch, compiled, "k", x, y)
+        kind, (args,) = last()
+        assert kind == "run" and args[:4] == (3, 2, 1, 1234)
+        assert args[4:9] == ("function-handle", "packed-metadata", None, None, None)
+        assert args[9] is x and args[10] is y and args[11:] == (5, 7, True)
+    n = len(calls)
+    ops._go(fn, launch, compiled, "k", x.double(), y)  # another dtype: another variant
+    assert last()[0] == "jit"
+    ops._go(fn, launch, compiled, "k", x, y)  # the kept one is now the double's
+    assert last()[0] == "jit"
+    unaligned = torch.randn(33)[1:].view(8, 4)
+    assert unaligned.data_ptr() % 16
+    ops._go(fn, launch, compiled, "k", unaligned, y)
+    assert last()[0] == "jit"
+    ops._go(fn, launch, compiled, "k", x, y)
+    ops._go(fn, launch, compiled, "k", x, y)
+    assert last()[0] == "run"
+    device[0] = 1  # another current device
+    ops._go(fn, launch, compiled, "k", x, y)
+    assert last()[0] == "jit"
+    fn.pre_run_hooks.append(lambda *a, **k: None)  # a hook: always the JIT
+    ops._go(fn, launch, compiled, "k", x, y)
+    ops._go(fn, launch, compiled, "k", x, y)
+    assert [c[0] for c in calls[-2:]] == ["jit", "jit"]
+    assert len(calls) == n + 8
+    monkeypatch.setattr(ops, "_FAST_LAUNCH", False)
+    fn.pre_run_hooks.clear()
+    ops._go(fn, launch, compiled, "k", x, y)
+    assert last()[0] == "jit"
+
+
+def test_fast_launch_is_off_by_environment():
+    """TRITONBN_FAST_LAUNCH=0, read at import, keeps every launch on the JIT; it is
+    on by default outside the interpreter, off under it."""
+    code = "import tritonbn.ops as o; print(o._FAST_LAUNCH)"
+
+    def fast(**env):
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("TRITON_INTERPRET", "TRITONBN_FAST_LAUNCH")}
+        return subprocess.run([sys.executable, "-c", code], env=base | env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert fast() == "True"
+    assert fast(TRITONBN_FAST_LAUNCH="0") == "False"
+    assert fast(TRITON_INTERPRET="1") == "False"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import struct
 
 import torch
@@ -146,6 +147,72 @@ def _remember(key, value):
         _plans.clear()
     _plans[key] = value
     return value
+
+
+# Launching an already-compiled kernel (issue 14). Triton's JIT launch (binder,
+# specialization key, cache lookup) cost ~70 µs a launch on the first GPU lease's
+# host. A planned launch keeps the CompiledKernel its first JIT launch returned and
+# then calls that kernel's launcher itself, with the arguments the JIT would pass
+# (every one, in signature order), while the specialization still holds: each
+# pointer's dtype and 16-byte alignment, the device, Triton's debug flag, no
+# pre-run or launch hooks. Anything else, and the interpreter, goes through
+# fn[grid](...). TRITONBN_FAST_LAUNCH=0, read at import, turns it off.
+_FAST_LAUNCH = os.environ.get("TRITONBN_FAST_LAUNCH", "1") != "0" and not _INTERPRETED
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runtime():
+    """(triton's driver, triton.knobs), imported once: the fast path's only use of them."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+    return driver, knobs
+
+
+def _device_stream():
+    """(device, stream) as Triton's JIT launch takes them: the current ones."""
+    driver = _triton_runtime()[0]
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
+
+
+def _no_hooks(fn) -> bool:
+    """fn is Triton's JITFunction (not a tool's wrapper) and no pre-run or launch
+    hook is set: the JIT launch would do nothing the fast path leaves out."""
+    if getattr(fn, "pre_run_hooks", None) != []:
+        return False
+    runtime = _triton_runtime()[1].runtime
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (exit_ is None or not getattr(exit_, "calls", True)))
+
+
+def _spec(ptrs, device) -> tuple:
+    """What a compiled kernel was specialized on beyond its plan: the pointers'
+    dtypes and 16-byte alignment, the device and Triton's debug flag."""
+    return (device, _triton_runtime()[1].runtime.debug,
+            *[(t.dtype, not t.data_ptr() & 15) for t in ptrs])
+
+
+def _go(fn, launch, compiled: dict, name: str, *ptrs):
+    """Launch fn with launch = (grid, scalar arguments, options) and the pointer
+    arguments ptrs: through the compiled kernel kept in compiled[name] when its
+    specialization holds (see _FAST_LAUNCH), else through fn[grid], keeping what
+    that returns for the next call."""
+    grid, args, opts = launch
+    if _FAST_LAUNCH and _no_hooks(fn):
+        device, stream = _device_stream()
+        spec = _spec(ptrs, device)
+        hit = compiled.get(name)
+        if hit is not None and hit[0] == spec:
+            k = hit[1]
+            k.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                  stream, k.function, k.packed_metadata, None, None, None, *ptrs, *args)
+            return
+        k = fn[grid](*ptrs, *args, **opts)
+        if hasattr(k, "packed_metadata") and hasattr(k, "function"):
+            compiled[name] = (spec, k)
+        return
+    fn[grid](*ptrs, *args, **opts)
 
 
 def _select(kernel, x, v, split=None):
@@ -442,31 +509,27 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
         mean = torch.empty(v.C, dtype=acc, device=dev)
         s = torch.empty(v.C, dtype=acc, device=dev)
         y = torch.empty_like(x)
-        g, a, o = p.fused
-        K.fused_forward_kernel[g](
+        _go(K.fused_forward_kernel, p.fused, p.compiled, "fused",
             x, y, z if z is not None else x, mask if mask is not None else x,
             weight if weight is not None else mean, bias if bias is not None else mean, mean, s,
             running_mean if p.update else mean, running_var if p.update else mean,
-            num_batches_tracked if p.from_nbt else mean, *a, **o)
+            num_batches_tracked if p.from_nbt else mean)
         return y, mean, s, mask
     if batch:
         partials = torch.empty(p.partials, dtype=acc, device=dev)
-        g, a, o = p.stats
-        K.stats_partial_kernel[g](x, partials, *a, **o)
+        _go(K.stats_partial_kernel, p.stats, p.compiled, "stats", x, partials)
         mean = torch.empty(v.C, dtype=acc, device=dev)
         s = torch.empty(v.C, dtype=acc, device=dev)
-        g, a, o = p.combine
-        K.stats_combine_kernel[g](
+        _go(K.stats_combine_kernel, p.combine, p.compiled, "combine",
             partials, mean, s, running_mean if p.update else partials,
             running_var if p.update else partials,
-            num_batches_tracked if p.from_nbt else partials, partials, partials, *a, **o)
+            num_batches_tracked if p.from_nbt else partials, partials, partials)
     else:
         mean, s = running_mean, running_var
     y = torch.empty_like(x)
-    g, a, o = p.normalize
-    K.normalize_kernel[g](
+    _go(K.normalize_kernel, p.normalize, p.compiled, "normalize",
         x, y, z if z is not None else x, mask if mask is not None else x,
-        mean, s, weight if weight is not None else s, bias if bias is not None else s, *a, **o)
+        mean, s, weight if weight is not None else s, bias if bias is not None else s)
     return y, mean, s, mask
 
 
@@ -474,7 +537,7 @@ class _FwdPlan:
     """The launches of one forward signature, built once: (grid, scalar arguments,
     options) of each kernel, the shapes to allocate, and the running-stat flags."""
     __slots__ = ("acc", "partials", "stats", "combine", "normalize", "mask", "update",
-                 "from_nbt", "fused")
+                 "from_nbt", "fused", "compiled")
 
 
 def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
@@ -500,6 +563,7 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
         return p
     p = _FwdPlan()
     p.acc, p.update, p.from_nbt, p.fused = _acc(x.dtype)[0], update, from_nbt, None
+    p.compiled = {}  # launch name -> (specialization, CompiledKernel): _go
     mask = residual_mode(activation, has_z) == RES_MASK
     m = mask_view(v)
     p.mask = m.outer * m.C * m.inner if mask else 0
@@ -640,7 +704,7 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
 
 class _BwdPlan:
     """The launches of one backward signature, built once (as _FwdPlan)."""
-    __slots__ = ("acc", "partials", "reduce", "combine", "dx", "fused")
+    __slots__ = ("acc", "partials", "reduce", "combine", "dx", "fused", "compiled")
 
 
 def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
@@ -664,6 +728,7 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     if p is None:
         p = _BwdPlan()
         p.acc, p.fused = _acc(x.dtype)[0], None
+        p.compiled = {}  # launch name -> (specialization, CompiledKernel): _go
         act = _act_args(weight, bias, batch, eps, activation, slope)
         if tile is not None:
             p.fused = _launch_fused(
@@ -690,26 +755,23 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
         db = torch.empty_like(bias) if need_db else None
         dx = torch.empty_like(x) if need_dx else None
         dz = torch.empty_like(x) if need_dz else None
-        g, a, o = p.fused
-        K.fused_backward_kernel[g](x, dy, z_ptr, mask_ptr, dx if need_dx else x,
-                                   dz if need_dz else x, mean, s, w, b,
-                                   dw if need_dw else s, db if need_db else s, *a, **o)
+        _go(K.fused_backward_kernel, p.fused, p.compiled, "fused", x, dy, z_ptr, mask_ptr,
+            dx if need_dx else x, dz if need_dz else x, mean, s, w, b,
+            dw if need_dw else s, db if need_db else s)
         return dx, dw, db, dz
     if reduce:
         partials = torch.empty(p.partials, dtype=p.acc, device=x.device)
-        g, a, o = p.reduce
-        K.bwd_reduce_kernel[g](x, dy, z_ptr, mask_ptr, mean, s, w, b, partials, *a, **o)
+        _go(K.bwd_reduce_kernel, p.reduce, p.compiled, "reduce", x, dy, z_ptr, mask_ptr, mean,
+            s, w, b, partials)
         sums = torch.empty((2, v.C), dtype=p.acc, device=x.device)
         dw = torch.empty_like(weight) if need_dw else None
         db = torch.empty_like(bias) if need_db else None
-        g, a, o = p.combine
-        K.bwd_combine_kernel[g](partials, sums, dw if need_dw else sums, db if need_db else sums,
-                                *a, **o)
+        _go(K.bwd_combine_kernel, p.combine, p.compiled, "combine", partials, sums,
+            dw if need_dw else sums, db if need_db else sums)
     if elementwise:
         dx = torch.empty_like(x) if need_dx else None
         dz = torch.empty_like(x) if need_dz else None
-        g, a, o = p.dx
-        K.bwd_dx_kernel[g](x, dy, z_ptr, mask_ptr, dx if need_dx else x,
-                           dz if need_dz else x, mean, s, w, b,
-                           sums if sums is not None else s, s, *a, **o)
+        _go(K.bwd_dx_kernel, p.dx, p.compiled, "dx", x, dy, z_ptr, mask_ptr,
+            dx if need_dx else x, dz if need_dz else x, mean, s, w, b,
+            sums if sums is not None else s, s)
     return dx, dw, db, dz
