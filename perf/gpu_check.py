@@ -15,24 +15,28 @@ Stages (default order; limits in seconds, 530 in all, with the environment 535):
              Inductor, no host sync                                          85
   headline   bench resnet50 (batch 256, then 32), fp16 channels_last bn_relu:
              tritonbn and torch (cuDNN) first, then torch.compile (default mode,
-             to fit; the records say which mode) with what is left          110
+             to fit; the records say which mode) with what is left; eager
+             timing (host time included)                                      90
+  device     the headline's tritonbn and torch again, each pass replayed from a
+             CUDA graph (bench --timing graph): the device's time alone, into
+             <name>-graph.json (the first lease's eager timings were host-bound) 45
   paths      bench the split path against the single-program one where both
              apply (BatchNorm1d 256-16384 samples, resnet50 b32 7x7 and
-             14x14), fp16 bn_relu: sets the dispatch threshold               30
+             14x14), fp16 bn_relu, graph-timed: sets the dispatch threshold  30
   dataset    the per-kernel dataset: the six kernels alone, heuristic configs on
              every shape, then tuning candidates, compiled ahead in parallel;
-             appended to perf/results/kernel-dataset.json                    90
+             appended to perf/results/kernel-dataset.json                    80
   wider      bench resnet50: fp16/bf16, channels_last/NCHW, bn_relu and
              bn_add_relu, tritonbn vs torch; cases already measured on this
-             GPU (this run or perf/results) are skipped, so leases add up     40
+             GPU (this run or perf/results) are skipped, so leases add up     30
   tune       tritonbn tune resnet50/b256 fp16 channels_last, exported as the
              shipped configs for this GPU                                     35
   sanitizer  compute-sanitizer memcheck on small shapes, fp16, relu with and
              without the residual's 1-bit mask, on both paths                 35
   ncu        Nsight Compute on the six kernels at two shapes: DRAM % of peak,
-             occupancy, warp stall reasons (clocks left alone)                50
+             occupancy, warp stall reasons (clocks left alone)                40
   eager      20 BN+ReLU layers, eager vs CUDA graph: host time per layer      40
-  report     `tritonbn report` of the bench JSON                              15
+  report     `tritonbn report` of the bench JSON, and of the graph-timed one  20
 By name only: tests (the whole suite, ~5 min), compiled (perf/compiled_step.py),
 quick (bench quick, every dtype/layout).
 
@@ -85,13 +89,21 @@ class Ctx:
     def bench_json(self) -> Path:
         return self.work / f"{self.name}.json"
 
+    @property
+    def graph_json(self) -> Path:
+        """The bench records timed from CUDA-graph replay (device time alone)."""
+        return self.work / f"{self.name}-graph.json"
+
     def left(self) -> float:
         """Seconds left in the running stage."""
         return self.stage_deadline - time.monotonic()
 
 
-def _bench(ctx: Ctx, *args) -> list:
-    return [PY, "-m", "tritonbn", "bench", "--out", str(ctx.bench_json), "--append",
+def _bench(ctx: Ctx, *args, graph: bool = False) -> list:
+    """tritonbn bench appending to this lease's eager results, or (graph) to its
+    CUDA-graph-timed ones: one timing per file."""
+    out, timing = (ctx.graph_json, "graph") if graph else (ctx.bench_json, "eager")
+    return [PY, "-m", "tritonbn", "bench", "--out", str(out), "--append", "--timing", timing,
             "--warmup-ms", "10", "--rep-ms", "40", "--no-progress", *args]
 
 
@@ -119,10 +131,16 @@ def _headline(ctx):
                      "--budget-s", _budget(ctx.left() - 35)))
 
 
+def _device(ctx):
+    yield Cmd(_bench(ctx, "--shapes", "resnet50", "--dtypes", "float16", "--layouts",
+                     "channels_last", "--ops", "bn_relu", "--impls", "tritonbn,torch",
+                     "--budget-s", _budget(ctx.left() - 8), graph=True))
+
+
 def _paths(ctx):
     yield Cmd(_bench(ctx, "--shapes", "paths", "--dtypes", "float16", "--ops", "bn_relu",
                      "--impls", "tritonbn_split,tritonbn_fused,torch",
-                     "--budget-s", _budget(ctx.left() - 8)))
+                     "--budget-s", _budget(ctx.left() - 8), graph=True))
 
 
 def _dataset(ctx):
@@ -171,6 +189,9 @@ def _eager(ctx):
 def _report(ctx):
     yield Cmd([PY, "-m", "tritonbn", "report", str(ctx.bench_json), "--out",
                str(ctx.work / "report")])
+    if ctx.graph_json.exists():
+        yield Cmd([PY, "-m", "tritonbn", "report", str(ctx.graph_json), "--out",
+                   str(ctx.work / "report-graph")])
 
 
 def _tests(ctx):
@@ -195,10 +216,10 @@ class Stage:
 
 
 STAGES = [
-    Stage("smoke", 85, _smoke), Stage("headline", 110, _headline), Stage("paths", 30, _paths),
-    Stage("dataset", 90, _dataset), Stage("wider", 40, _wider), Stage("tune", 35, _tune),
-    Stage("sanitizer", 35, _sanitizer), Stage("ncu", 50, _ncu), Stage("eager", 40, _eager),
-    Stage("report", 15, _report),
+    Stage("smoke", 85, _smoke), Stage("headline", 90, _headline), Stage("device", 45, _device),
+    Stage("paths", 30, _paths), Stage("dataset", 80, _dataset), Stage("wider", 30, _wider),
+    Stage("tune", 35, _tune), Stage("sanitizer", 35, _sanitizer), Stage("ncu", 40, _ncu),
+    Stage("eager", 40, _eager), Stage("report", 20, _report),
     Stage("tests", 300, _tests, default=False), Stage("compiled", 60, _compiled, default=False),
     Stage("quick", 60, _quick, default=False),
 ]

@@ -28,8 +28,8 @@ def _names(archive):
 
 def test_default_plan_fits_one_lease_in_order_of_value():
     stages = gc.plan([], gc.TOTAL_S)
-    assert [s.name for s in stages] == ["smoke", "headline", "paths", "dataset", "wider", "tune",
-                                        "sanitizer", "ncu", "eager", "report"]
+    assert [s.name for s in stages] == ["smoke", "headline", "device", "paths", "dataset",
+                                        "wider", "tune", "sanitizer", "ncu", "eager", "report"]
     assert sum(s.limit_s for s in stages) <= gc.TOTAL_S <= 540
     assert stages[0].limit_s <= 90
     with pytest.raises(SystemExit, match="unknown stage"):
@@ -160,3 +160,8 @@ def test_bench_skips_cases_measured_on_the_same_gpu(tmp_path):
     assert not bench.already_measured(case, "channels_last", "float16", "bn_relu",
                                       bench.Options(impls=("tritonbn", "torch_compile")), ids)
     assert not bench.measured_ids([str(tmp_path)], "NVIDIA Other GPU")
+    # graph-timed results count for graph-timed runs only, and the other way round
+    assert not bench.measured_ids([str(tmp_path)], "NVIDIA Fake GPU", "graph")
+    (tmp_path / "lease" / "a.json").write_text(json.dumps(doc | {"timing": "graph"}))
+    assert bench.measured_ids([str(tmp_path)], "NVIDIA Fake GPU", "graph") == ids
+    assert not bench.measured_ids([str(tmp_path)], "NVIDIA Fake GPU")

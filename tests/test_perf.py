@@ -718,3 +718,52 @@ def test_bench_cpu_smoke_end_to_end(tmp_path):
                         str(tmp_path / "rep")], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "interpreter, not performance" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_bench_timing_option_and_append_keeps_one_timing(monkeypatch, tmp_path):
+    """--timing graph reaches Options; without CUDA a pass is timed eagerly and says so;
+    a file of one timing refuses records of the other."""
+    from tritonbn import cli
+    from tritonbn.perf import bench
+
+    seen = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench, "run", lambda opts, out, append=False: seen.append(opts) or 0)
+    assert cli.main(["bench", "--device", "cpu", "--timing", "graph"]) == 0
+    assert seen[0].timing == "graph" and bench.Options().timing == "eager"
+    monkeypatch.undo()
+    opts = bench.Options(device="cpu", timing="graph", cpu_reps=1)
+    ms, how = bench.time_pass(lambda: None, torch.device("cpu"), opts)
+    assert ms >= 0 and how == {"timing": "eager"}
+    out = tmp_path / "r.json"
+    assert _run(out) == 0
+    doc = json.loads(out.read_text())
+    assert doc["timing"] == "eager" and all(r["timing"] == "eager" for r in doc["records"])
+    with pytest.raises(SystemExit, match="eager timings, not graph"):
+        bench.run(bench.Options(device=DEVICE, sets=("quick",), dtypes=("bfloat16",), ops=("bn",),
+                                impls=("tritonbn",), passes=("fwd",), cpu_reps=1, progress=False,
+                                timing="graph"), str(out), append=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_replays_what_the_eager_call_computes():
+    """bench.graphed: a tritonbn training forward captured once and replayed writes
+    what the eager call wrote; time_pass says it timed the graph."""
+    import tritonbn
+    from tritonbn.perf import bench
+
+    m = tritonbn.BatchNorm2d(16, activation="relu", device="cuda")
+    x = torch.randn(8, 16, 12, 12, device="cuda") + 1.0
+    out = {}
+
+    def step():
+        out["y"] = m(x)
+
+    replay, graph = bench.graphed(step)
+    eager = m(x)
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out["y"], eager)
+    ms, how = bench.time_pass(step, torch.device("cuda"),
+                              bench.Options(timing="graph", warmup_ms=1, rep_ms=5))
+    assert ms > 0 and how == {"timing": "graph"}

@@ -95,6 +95,10 @@ def _add_bench(sub):
                    help=f"torch.compile mode of the torch_compile baseline (default "
                         f"{Options.compile_mode}; 'default' compiles in seconds rather than "
                         "minutes); recorded in each record")
+    p.add_argument("--timing", choices=("eager", "graph"), default=Options.timing,
+                   help="eager (default): each pass called from Python, host time included; "
+                        "graph: each pass captured once in a CUDA graph and replayed, the "
+                        "device's time alone (GPU); recorded in each record")
     p.add_argument("--skip-measured", nargs="+", default=(), metavar="PATH",
                    help="results files or directories (searched recursively): skip cases whose "
                         "records for every requested impl and pass are there, checked, from "
@@ -128,7 +132,8 @@ def _bench(args, argv) -> int:
     opts = Options(device=args.device, sets=args.shapes, dtypes=args.dtypes, layouts=args.layouts,
                    ops=ops, passes=args.passes, impls=args.impls, warmup_ms=args.warmup_ms,
                    rep_ms=args.rep_ms, cpu_reps=args.cpu_reps, budget_s=args.budget_s,
-                   compile_mode=args.compile_mode, skip_measured=tuple(args.skip_measured),
+                   compile_mode=args.compile_mode, timing=args.timing,
+                   skip_measured=tuple(args.skip_measured),
                    seed=args.seed, progress=not args.no_progress, argv=list(argv))
     return run(opts, args.out, append=args.append)
 

@@ -76,6 +76,7 @@ class Options:
     cpu_reps: int = 3
     budget_s: float | None = None
     compile_mode: str = COMPILE_MODE
+    timing: str = "eager"  # or "graph": each pass replayed from a CUDA graph (device time)
     skip_measured: tuple = ()  # results files or directories: cases measured there are skipped
     seed: int = 0
     progress: bool = True
@@ -97,6 +98,44 @@ def time_ms(fn, device: torch.device, opts: Options) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+TIMINGS = ("eager", "graph")
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph, after three warm-up calls on a side stream (the
+    capture rules): returns (replay, graph). do_bench of replay times the device's
+    work with the L2 cleared before each replay, without the Python and launches of
+    an eager call (which the eager timing and `tritonbn bench --host` measure)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay, graph
+
+
+def time_pass(fn, device: torch.device, opts: Options) -> tuple[float, dict]:
+    """(median ms, what the record says of how it was timed): opts.timing "graph"
+    replays fn from a CUDA graph on the GPU; a capture that fails falls back to the
+    eager timing and says why."""
+    if opts.timing != "graph" or device.type != "cuda":
+        return time_ms(fn, device, opts), {"timing": "eager"}
+    try:
+        replay, graph = graphed(fn)
+    except Exception as e:  # noqa: BLE001 - e.g. a baseline that cannot be captured
+        torch.cuda.synchronize()
+        return time_ms(fn, device, opts), {"timing": "eager",
+                                           "graph_error": f"{type(e).__name__}: {e}"[:200]}
+    try:
+        return time_ms(replay, device, opts), {"timing": "graph"}
+    finally:
+        del graph
 
 
 def copy_bandwidth(device: torch.device, opts: Options) -> float:
@@ -378,7 +417,7 @@ def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpre
 
     out = []
     for pass_ in opts.passes:
-        ms = time_ms(fns[pass_], device, opts)
+        ms, how = time_pass(fns[pass_], device, opts)
         peak_mb = _peak_mb(fns[pass_]) if pass_ == "fwd+bwd" and device.type == "cuda" else None
         nbytes = model.model_bytes(op, pass_, case.numel, x.element_size(), "two_pass")
         nbytes1 = model.model_bytes(op, pass_, case.numel, x.element_size(), "single_read")
@@ -390,7 +429,7 @@ def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpre
                     "weight": case.weight, "ms": ms, "gbps": gb, "gbps_single_read": gb1,
                     "pct_of_copy": 100 * gb / ceiling, "pct_of_copy_single_read": 100 * gb1 / ceiling,
                     "max_abs_err": abs_err, "rel_err": rel_err, "ok": ok, "peak_mb": peak_mb,
-                    "copy_gbps": ceiling, **extra})
+                    "copy_gbps": ceiling, **how, **extra})
     return out
 
 
@@ -420,9 +459,10 @@ def plan(opts: Options, tiny: bool) -> list[tuple]:
     return todo
 
 
-def measured_ids(paths, device: str) -> set:
+def measured_ids(paths, device: str, timing: str = "eager") -> set:
     """record_ids of the checked (ok) records in results files of `device` (GPU runs
-    only): each path a results JSON or a directory searched recursively."""
+    only) timed the same way: each path a results JSON or a directory searched
+    recursively."""
     from .report import load
 
     files = []
@@ -435,7 +475,8 @@ def measured_ids(paths, device: str) -> set:
             doc = load(f)
         except (ValueError, OSError):
             continue  # not a results file (a dataset, a log)
-        if doc["device"] == device and not doc["interpreter"]:
+        if (doc["device"] == device and not doc["interpreter"]
+                and doc.get("timing", "eager") == timing):
             ids |= {schema.record_id(r) for r in doc["records"] if r["ok"]}
     return ids
 
@@ -446,7 +487,8 @@ def already_measured(case, layout, dtype, op, opts: Options, ids: set) -> bool:
     return bool(ids) and all(base + (p, impl) in ids for impl in opts.impls for p in opts.passes)
 
 
-def environment(device: torch.device, interpreted: bool, compile_mode: str = COMPILE_MODE) -> dict:
+def environment(device: torch.device, interpreted: bool, compile_mode: str = COMPILE_MODE,
+                timing: str = "eager") -> dict:
     import triton
 
     if device.type == "cuda":
@@ -463,7 +505,7 @@ def environment(device: torch.device, interpreted: bool, compile_mode: str = COM
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": schema.INTERPRETER_MODE if interpreted else "gpu",
-            "interpreter": interpreted, "compile_mode": compile_mode,
+            "interpreter": interpreted, "compile_mode": compile_mode, "timing": timing,
             "tuning": _tuning_state(name if device.type == "cuda" else None), **hw}
 
 
@@ -501,6 +543,9 @@ def _merge(doc: dict, path: str) -> dict:
     if old["device"] != doc["device"] or old["interpreter"] != doc["interpreter"]:
         raise SystemExit(f"tritonbn bench: --append to {path}, which holds results from "
                          f"{old['device']!r}, not {doc['device']!r}")
+    if old.get("timing", "eager") != doc.get("timing", "eager"):
+        raise SystemExit(f"tritonbn bench: --append to {path}, which holds {old.get('timing', 'eager')}"
+                         f" timings, not {doc.get('timing', 'eager')}: write them to another file")
     doc["records"] = old["records"]
     doc["errors"] = old.get("errors", [])
     doc["runs"] = old.get("runs", []) + doc["runs"]
@@ -519,7 +564,7 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
               "set TRITON_INTERPRET=1 before triton is imported (the `tritonbn` command does).",
               file=sys.stderr)
         return 2
-    env = environment(device, interpreted, opts.compile_mode)
+    env = environment(device, interpreted, opts.compile_mode, opts.timing)
     out = out or default_out(env)
     t_start = time.monotonic()
     torch.manual_seed(opts.seed)
@@ -530,7 +575,7 @@ def run(opts: Options, out: str | None, append: bool = False) -> int:
         doc = _merge(doc, out)
     todo = plan(opts, tiny=interpreted)
     if opts.skip_measured:
-        ids = measured_ids(opts.skip_measured, env["device"])
+        ids = measured_ids(opts.skip_measured, env["device"], opts.timing)
         skipped = [t for t in todo if already_measured(*t, opts, ids)]
         todo = [t for t in todo if not already_measured(*t, opts, ids)]
         doc["runs"][-1]["cases_skipped"] = len(skipped)

@@ -101,6 +101,9 @@ def markdown(doc: dict, plots: dict) -> str:
     env = [("device", doc["device"]), ("torch", doc["torch"]), ("triton", doc["triton"]),
            ("cuDNN", doc["cudnn"]), ("date", doc["date"]), ("mode", doc["mode"]),
            ("copy ceiling", f"{doc['copy_gbps']:.0f} GB/s (device-to-device copy, read + write, same run)"),
+           ("timing", {"graph": "each pass replayed from a CUDA graph: device time alone",
+                       "eager": "each pass called from Python: host time included"}[
+                           doc.get("timing", "eager")]),
            ("torch.compile mode", _compile_modes(doc)),
            ("tritonbn launch configs", doc.get("tuning", "–")),
            ("records", len(records))]
