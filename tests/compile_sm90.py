@@ -103,6 +103,11 @@ def main():
     fused_tiles()
     sync_variants(cases)
     print(f"compiled {len(seen)} kernel variants for sm_90")
+    for name in ops.K.__all__:
+        setattr(ops.K, name, getattr(ops.K, name).kernel)
+    sass_checks()
+    for name in ops.K.__all__:
+        setattr(ops.K, name, Compile(getattr(ops.K, name)))
     before = len(seen)
     search_space()
     print(f"compiled {len(seen) - before} tuning candidates for sm_90")
@@ -205,6 +210,90 @@ def search_space():
 
 
 TYPES_FLOAT = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Realistic shapes, fp16 bn_relu training with the residual's mask, compiled the way
+# the JIT specializes them (pointers and integers divisible by 16 marked), so the
+# SASS shows the loads a GPU would run: (shape, channels_last, wide loads expected).
+# NCHW 7x7 rows (49 elements) are never 16-byte aligned: scalar loads, no assertion.
+SASS_CASES = [((256, 64, 56, 56), True, True), ((256, 64, 56, 56), False, True),
+              ((256, 1024, 14, 14), True, True), ((256, 512, 28, 28), False, True),
+              ((32, 2048, 7, 7), False, False), ((1024, 512), False, True)]
+TILE_FNS = ("stats_partial_kernel", "normalize_kernel", "bwd_reduce_kernel", "bwd_dx_kernel",
+            "fused_forward_kernel", "fused_backward_kernel")
+
+
+class JitEqual:
+    """Compiles a launch with the JIT's own binder and specialization, then reads
+    its SASS: registers, local memory (spills) and global load widths."""
+    rows = []
+
+    def __init__(self, kernel, case):
+        self.kernel, self.case = kernel, case
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **kwargs):
+            import re
+            import subprocess
+            import tempfile
+
+            from triton.compiler import make_backend
+            from triton.runtime.jit import create_function_from_signature
+
+            fn, backend = self.kernel, make_backend(TARGET)
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, spec, _ = binder(*args, **kwargs)
+            options = {"num_warps": num_warps, "num_stages": num_stages}
+            _, sig, cst, attrs = fn._pack_args(backend, dict(options), bound, spec,
+                                               backend.parse_options(dict(options)))
+            out = triton.compile(ASTSource(fn, sig, cst, attrs), target=TARGET, options=options)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(out.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True,
+                                      text=True, check=True).stdout
+                usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name],
+                                       capture_output=True, text=True, check=True).stdout
+            self.rows.append(dict(
+                case=self.case, kernel=fn.__name__, grid=tuple(grid), warps=num_warps,
+                regs=int(re.search(r"REG:(\d+)", usage).group(1)),
+                local=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+                loads=sorted(set(re.findall(r"\bLDG\.E[.\w]*", sass)))))
+        return launch
+
+
+def sass_checks():
+    """Each SASS_CASES training step, compiled JIT-equal: no kernel uses local memory,
+    and where the rows are 16-byte aligned every tile kernel loads 128 bits at a time.
+    Prints registers per thread, so a change that raises them shows."""
+    kernels = {name: getattr(ops.K, name) for name in ops.K.__all__}
+    failures = []
+    try:
+        for shape, cl, wide in SASS_CASES:
+            layout = "cl" if cl else "nchw" if len(shape) == 4 else "nc"
+            label = f"{'x'.join(map(str, shape))}:{layout}:fp16"
+            for name, k in kernels.items():
+                setattr(ops.K, name, JitEqual(k, label))
+            x, C, pdt = _input(shape, torch.channels_last if cl else None, torch.float16)
+            w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
+            nbt = torch.ones((), dtype=torch.int64)
+            z = torch.empty_like(x)
+            y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5,
+                                                     "relu", residual=z)
+            ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
+                         (True, True, True, True), residual=z, mask=mask)
+            for r in [r for r in JitEqual.rows if r["case"] == label]:
+                print(f"sass {label:22} {r['kernel']:22} grid={r['grid']} warps={r['warps']} "
+                      f"regs={r['regs']} local={r['local']} loads={r['loads']}", flush=True)
+                if r["local"]:
+                    failures.append(f"{label} {r['kernel']}: {r['local']} local-memory instructions")
+                if wide and r["kernel"] in TILE_FNS and "LDG.E.128" not in r["loads"]:
+                    failures.append(f"{label} {r['kernel']}: no 128-bit loads ({r['loads']})")
+    finally:
+        for name, k in kernels.items():
+            setattr(ops.K, name, k)
+    assert not failures, "\n".join(failures)
+    print(f"sass checked {len(JitEqual.rows)} launches", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,5 +21,8 @@ def test_all_launched_variants_compile_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"compiled (\d+) kernel variants", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]
+    # JIT-equal compiles of realistic shapes: no local memory, 128-bit loads where aligned
+    found = re.search(r"sass checked (\d+) launches", proc.stdout)
+    assert found and int(found.group(1)) >= 30, proc.stdout[-2000:]
     found = re.search(r"compiled (\d+) tuning candidates", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]
