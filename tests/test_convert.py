@@ -107,6 +107,16 @@ def check_same(ref, conv, *inputs, grads=True):
         torch.testing.assert_close(vb, va, **TOLS)
 
 
+def check_both_modes(ref, out):
+    """check_same on a (2, 3, 3, 2) x and residual, in training then in eval."""
+    x = make_input((2, 3, 3, 2), memory_format=CL)
+    other = make_input((2, 3, 3, 2), mean=-1.0)
+    for mode in (True, False):
+        ref.train(mode)
+        out.train(mode)
+        check_same(ref, out, x, other)
+
+
 # --------------------------------------------------------------------------------------
 # ResNet
 
@@ -300,12 +310,7 @@ def test_pattern_fused_and_equal(form, residual):
     (call,) = [n for n in out.graph.nodes if n.op == "call_module"]
     assert len(call.args) == (1 if residual is None else 2)
     assert out.bn.activation == activation and out.bn.negative_slope == pytest.approx(slope)
-    x = make_input((2, 3, 3, 2), memory_format=CL)
-    other = make_input((2, 3, 3, 2), mean=-1.0)
-    for mode in (True, False):
-        ref.train(mode)
-        out.train(mode)
-        check_same(ref, out, x, other)
+    check_both_modes(ref, out)
 
 
 class BN1d(nn.Module):
@@ -520,3 +525,74 @@ def test_no_warning_for_a_traceable_model_without_fusions():
         warnings.simplefilter("error")
         out = tritonbn.convert(model)
     assert out is model and out[1].activation is None
+
+
+# --------------------------------------------------------------------------------------
+# modules that compute nothing, between a BatchNorm and its activation or add (issue 16)
+
+
+class StochasticDepth(nn.Module):
+    """Stands in for torchvision.ops.StochasticDepth (recognized by class and module
+    name; torchvision's own does not import with the CPU torch here)."""
+    __module__ = "torchvision.ops.stochastic_depth"
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x if self.p == 0 or not self.training else F.dropout(x, self.p, True)
+
+
+class Noops(nn.Module):
+    """timm's Bottleneck (bn2 -> drop_block, an Identity -> act2) and its residual tail
+    (bn3 -> drop_path -> + shortcut -> act3), with no-op modules in each gap."""
+
+    def __init__(self, noop, act_after_add=nn.Identity()):
+        super().__init__()
+        self.bn2, self.bn3 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.drop_block, self.drop_path, self.after = noop, copy.deepcopy(noop), act_after_add
+        self.act2, self.act3 = nn.ReLU(), nn.ReLU(inplace=True)
+
+    def forward(self, x, shortcut):
+        y = self.act2(self.drop_block(self.bn2(x)))
+        y = self.drop_path(self.bn3(y)) + shortcut
+        return self.act3(self.after(y))
+
+
+@pytest.mark.parametrize("noop", [nn.Identity(), nn.Dropout(0.0), nn.Dropout2d(p=0.0, inplace=True),
+                                  StochasticDepth(0.0)],
+                         ids=["Identity", "Dropout(0)", "Dropout2d(0,inplace)", "StochasticDepth(0)"])
+def test_noop_modules_are_seen_through(noop):
+    ref = Noops(noop, act_after_add=nn.Dropout(0.0)).to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert isinstance(out, fx.GraphModule)
+    assert [n.target for n in out.graph.nodes if n.op == "call_module"] == ["bn2", "bn3"]
+    assert out.bn2.activation == out.bn3.activation == "relu"
+    (bn3,) = [n for n in out.graph.nodes if n.target == "bn3"]
+    assert len(bn3.args) == 2                      # the residual add, fused
+    assert list(out.state_dict()) == list(ref.state_dict())
+    check_both_modes(ref, out)
+
+
+@pytest.mark.parametrize("noop", [nn.Dropout(0.1), StochasticDepth(0.2), nn.Tanh()],
+                         ids=["Dropout(0.1)", "StochasticDepth(0.2)", "Tanh"])
+def test_modules_that_compute_are_not_seen_through(noop):
+    ref = Noops(noop).to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert fused(out) == {None: 2}
+    ref.eval()
+    out.eval()
+    check_same(ref, out, make_input((2, 3, 3, 2), memory_format=CL),
+               make_input((2, 3, 3, 2), mean=-1.0))
+
+
+def test_sequential_sees_through_noop_modules():
+    ref = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Identity(), nn.Dropout(0.0),
+                        nn.LeakyReLU(0.2), nn.BatchNorm2d(3), nn.Dropout(0.5), nn.ReLU()).to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert out[1].activation == "leaky_relu" and out[1].negative_slope == pytest.approx(0.2)
+    assert isinstance(out[4], nn.Identity) and out[5].activation is None  # dropout 0.5: kept
+    ref.eval()
+    out.eval()
+    check_same(ref, out, make_input((2, 3, 3, 2), memory_format=CL))

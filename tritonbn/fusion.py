@@ -11,6 +11,10 @@ Three steps, each semantics-preserving:
 3. the model is traced with ``torch.fx``, and ``act(bn(x))``, ``act(bn(x) + other)`` and
    ``act(other + bn(x))`` are rewritten to one call of a fused BatchNorm
    (``bn(x, other)`` with the activation set), in a ``torch.fx.GraphModule``.
+
+In steps 2 and 3 modules that return their input unchanged, in training and eval
+(``nn.Identity``, a dropout with p = 0, stochastic depth at 0), may sit between the
+BatchNorm, the add and the activation (timm's ``bn2 -> drop_block -> act2``).
 """
 from __future__ import annotations
 
@@ -206,6 +210,41 @@ def _module_activation(m):
     return None
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _noop_module(m) -> bool:
+    """A module that returns its input, in training and in eval: nn.Identity, a dropout
+    with p = 0, or stochastic depth at probability 0 (torchvision's StochasticDepth,
+    timm's DropPath; recognized by class and module name, neither is imported)."""
+    if m is None or _has_hooks(m):
+        return False
+    t = type(m)
+    if t is nn.Identity:
+        return True
+    if t in _DROPOUTS:
+        return m.p == 0
+    mod = t.__module__ or ""
+    if t.__name__ == "StochasticDepth" and mod.startswith("torchvision."):
+        return getattr(m, "p", None) == 0
+    if t.__name__ == "DropPath" and mod.startswith("timm."):
+        return getattr(m, "drop_prob", None) == 0
+    return False
+
+
+def _through_noops(node, modules, skipped: list):
+    """The first node after node's chain of no-op module calls (_noop_module), each
+    the only user of the one before; the calls passed are appended to skipped."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (user.op == "call_module" and user.args == (node,) and not user.kwargs
+                and _noop_module(modules.get(user.target))):
+            break
+        skipped.append(user)
+        node = user
+    return node
+
+
 def _bind(node, names, defaults):
     """node's args+kwargs bound to parameter names, or None when they do not fit."""
     if len(node.args) > len(names):
@@ -286,11 +325,18 @@ def _fuse_sequentials(root: nn.Module) -> None:
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue                         # a subclass may call its modules otherwise
         names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            bn, act = seq._modules[first], seq._modules[second]
+        for i, first in enumerate(names):
+            bn = seq._modules[first]
             if not (type(bn) in _TRITONBN
                     and bn.activation is None and slots[id(bn)] == 1 and not _has_hooks(bn)):
                 continue
+            j = i + 1                        # past no-op modules (nn.Identity, dropout p=0)
+            while j < len(names) and _noop_module(seq._modules[names[j]]):
+                j += 1
+            if j == len(names):
+                continue
+            second = names[j]
+            act = seq._modules[second]
             spec = _module_activation(act)
             if spec is None:
                 continue
@@ -468,7 +514,8 @@ _TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 
 def _plan(graph: fx.Graph, modules: dict):
-    """The fusions to make: (bn node, act node, add node or None, other, act, slope)."""
+    """The fusions to make: (bn node, act node, add node or None, other, act, slope,
+    the no-op module calls between bn and the add or act, and between add and act)."""
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates = []
@@ -483,43 +530,53 @@ def _plan(graph: fx.Graph, modules: dict):
         candidates.append(bn)
     plans, claimed = [], set()
     # bn(x) + other before other + bn(x): when both operands are BatchNorms, the first
-    # one takes the sum (as torchvision's `out = bn2(out); out += identity`)
+    # one takes the sum (as torchvision's `out = bn2(out); out += identity`). No-op
+    # modules (nn.Identity, dropout at p = 0, ...) between them are seen through.
     for second in (False, True):
         for bn in candidates:
             if bn in claimed:
                 continue
-            (user,) = bn.users
+            skipped = []
+            out = _through_noops(bn, modules, skipped)
+            if len(out.users) != 1:
+                continue
+            (user,) = out.users
             found = _node_activation(user, modules)
             if found is not None:
-                if found[0] is bn and not second:
-                    plans.append((bn, user, None, None, found[1], found[2]))
+                if found[0] is out and not second:
+                    plans.append((bn, user, None, None, found[1], found[2], skipped, []))
                     claimed.update((bn, user))
                 continue
             ops = _add_operands(user)
             if ops is None or len(user.users) != 1 or user in claimed:
                 continue
             a, b, inplace = ops
-            if a is bn and b is not bn and not second:
+            if a is out and b is not out and not second:
                 other = b
-            elif b is bn and a is not bn and second and not inplace:  # other += bn(x)
-                other = a                                            # writes into other
+            elif b is out and a is not out and second and not inplace:  # other += bn(x)
+                other = a                                              # writes into other
             else:
                 continue
-            if not _maybe_tensor(other):
+            if not _maybe_tensor(other) or other in skipped:
                 continue
-            (act_node,) = user.users
+            after = []
+            summed = _through_noops(user, modules, after)
+            if len(summed.users) != 1:
+                continue
+            (act_node,) = summed.users
             found = _node_activation(act_node, modules)
-            if found is None or found[0] is not user:
+            if found is None or found[0] is not summed:
                 continue
             # the fused call runs where the add was: nothing in between may write in
             # place (into x, say) or read the BatchNorm's state
-            between = [n for n in graph.nodes if order[bn] < order[n] < order[user]]
+            between = [n for n in graph.nodes if order[bn] < order[n] < order[user]
+                       and n not in skipped]
             if any(_writes(n, modules) for n in between):
                 continue
             if any(n.op == "get_attr" and str(n.target).startswith(bn.target + ".")
                    for n in between):
                 continue
-            plans.append((bn, act_node, user, other, found[1], found[2]))
+            plans.append((bn, act_node, user, other, found[1], found[2], skipped, after))
             claimed.update((bn, user, act_node))
             if other in candidates:
                 claimed.add(other)           # its output is now read by the fused call
@@ -616,7 +673,7 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, tracer: _Tracer):
                 object.__setattr__(owner, field, _resolve(module, n.target))
     graph = gm.graph
     replaced = {}                            # erased activation node -> the fused call
-    for bn, act_node, add, other, activation, slope in plans:
+    for bn, act_node, add, other, activation, slope, before, after in plans:
         *path, field = bn.target.split(".")
         parent = _resolve(gm, ".".join(path)) if path else gm
         original_parent = _resolve(module, ".".join(path)) if path else module
@@ -634,8 +691,12 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, tracer: _Tracer):
         act_node.replace_all_uses_with(bn)
         replaced[act_node] = bn
         graph.erase_node(act_node)
+        for n in reversed(after):            # each chain from its end: no users left
+            graph.erase_node(n)
         if add is not None:
             graph.erase_node(add)
+        for n in reversed(before):
+            graph.erase_node(n)
     graph.lint()
     gm.recompile()
     return gm, _tail_bn(graph, dict(gm.named_modules()))
