@@ -596,3 +596,99 @@ def test_sequential_sees_through_noop_modules():
     ref.eval()
     out.eval()
     check_same(ref, out, make_input((2, 3, 3, 2), memory_format=CL))
+
+
+# --------------------------------------------------------------------------------------
+# timm's BatchNormAct2d (issue 16), by a stand-in: timm is not a dependency
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.norm_act.BatchNormAct2d as timm 1.0 writes it: torch's batch_norm
+    inlined in its own forward, then self.drop, then self.act."""
+    __module__ = "timm.layers.norm_act"
+
+    def __init__(self, num_features, act=None, drop=None, **kw):
+        super().__init__(num_features, **kw)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(x, self.running_mean if not self.training or self.track_running_stats else None,
+                         self.running_var if not self.training or self.track_running_stats else None,
+                         self.weight, self.bias, bn_training, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class TimmBlock(nn.Module):
+    """A timm-style residual tail: conv -> BatchNormAct2d(act) -> conv ->
+    BatchNormAct2d(no act) -> + shortcut -> act."""
+
+    def __init__(self, act1, drop1=None):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.bn1 = BatchNormAct2d(3, act=act1, drop=drop1)
+        self.bn2 = BatchNormAct2d(3, momentum=None)
+        self.act = nn.ReLU()
+
+    def forward(self, x, shortcut):
+        return self.act(self.bn2(self.conv2(self.bn1(self.conv1(x)))) + shortcut)
+
+
+@pytest.mark.parametrize("act,activation", [(nn.ReLU(inplace=True), "relu"),
+                                            (nn.SiLU(), "silu"), (nn.LeakyReLU(0.2), "leaky_relu")])
+def test_timm_batchnorm_act_converts_with_its_activation(act, activation):
+    ref = TimmBlock(act, drop1=nn.Dropout(0.0)).to(DEVICE)
+    keys = list(ref.state_dict())
+    params = [id(p) for p in ref.parameters()]
+    out = tritonbn.convert(ref)                    # in place: the same Parameters
+    assert type(out.bn1) is tritonbn.BatchNorm2d and out.bn1.activation == activation
+    assert type(out.bn2) is tritonbn.BatchNorm2d and out.bn2.activation == "relu"  # + the add
+    (bn2,) = [n for n in out.graph.nodes if n.target == "bn2"]
+    assert len(bn2.args) == 2
+    assert list(out.state_dict()) == keys and [id(p) for p in out.parameters()] == params
+    ref = TimmBlock(copy.deepcopy(act), drop1=nn.Dropout(0.0)).to(DEVICE)
+    ref.load_state_dict(out.state_dict())
+    check_both_modes(ref, tritonbn.convert(copy.deepcopy(ref)))
+
+
+@pytest.mark.parametrize("act,drop", [(nn.Hardswish(), None), (nn.ReLU(), nn.Dropout(0.1))],
+                         ids=["unsupported_act", "dropout"])
+def test_timm_batchnorm_act_that_computes_more_stays(act, drop):
+    ref = TimmBlock(act, drop1=drop).to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    assert type(out.bn1) is BatchNormAct2d
+    assert type(out.bn2) is tritonbn.BatchNorm2d
+    ref.eval()
+    out.eval()
+    check_same(ref, out, make_input((2, 3, 3, 2), memory_format=CL),
+               make_input((2, 3, 3, 2), mean=-1.0))
+
+
+class Counting(nn.Module):
+    """A forward that updates a buffer in place, as timm's BatchNormAct2d does."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x, other):
+        self.calls.add_(1)
+        return F.relu(self.bn(x) + other)
+
+
+def test_tracing_leaves_buffers_alone_and_the_graph_updates_them():
+    """convert traces without moving the model's buffers, and the converted graph
+    moves them on every call, as the model does."""
+    model = Counting().to(DEVICE)
+    out = tritonbn.convert(model)
+    assert isinstance(out, fx.GraphModule) and out.bn.activation == "relu"
+    assert model.calls.item() == 0 and out.calls.item() == 0
+    ref = Counting().to(DEVICE)
+    check_both_modes(ref, out)
+    assert ref.calls.item() == out.calls.item() == 2

@@ -166,11 +166,31 @@ def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
     return new
 
 
+def _timm_norm_act(m: nn.Module):
+    """(activation, negative_slope) for timm's BatchNormAct2d (a BatchNorm2d subclass
+    whose forward is bn -> self.drop -> self.act; recognized by class and module name,
+    timm is not imported) where drop computes nothing and act is nn.Identity or an
+    activation tritonbn fuses; else None."""
+    t = type(m)
+    if not (t.__name__ == "BatchNormAct2d" and (t.__module__ or "").startswith("timm.")
+            and isinstance(m, nn.BatchNorm2d) and set(m._modules) == {"drop", "act"}
+            and not _has_hooks(m) and _noop_module(m.drop)):
+        return None
+    if type(m.act) is nn.Identity and not _has_hooks(m.act):
+        return None, None
+    return _module_activation(m.act)
+
+
 def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
     if id(module) in memo:                   # a module registered at several places
         return memo[id(module)]
     cls = _replacement_class(module)
     new = module
+    norm_act = _timm_norm_act(module)
+    if norm_act is not None:                 # its drop and act go into the kernel
+        new = _new_batchnorm(BatchNorm2d, module, *norm_act, keep_hooks=False)
+        memo[id(module)] = new
+        return new
     if cls is not None:
         new = _new_batchnorm(cls, module)
         # a subclass with more state than torch's module keeps its class
@@ -351,7 +371,12 @@ def _fuse_sequentials(root: nn.Module) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with tritonbn's BatchNorms as leaves (called, not traced into)."""
+    """torch.fx's tracer, with tritonbn's BatchNorms as leaves (called, not traced into).
+    Buffers are proxied: a forward that updates one in place (timm's BatchNormAct2d
+    counts num_batches_tracked) records the update in the graph rather than running it
+    on the model while tracing (fx's default: the model's counters moved once per trace,
+    and the converted graph never moved them again)."""
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m, module_qualified_name):
         return isinstance(m, _BatchNormAct) or super().is_leaf_module(m, module_qualified_name)
