@@ -484,9 +484,10 @@ def test_replacement_rules():
     ).eval()
     old = list(model)
     keys = list(model.state_dict())
-    # OwnForward is traced into (it is no torch.nn module), and torch's BatchNorm.forward
-    # does not trace: the Sequential's children are converted and fused one by one
-    with pytest.warns(UserWarning, match="could not trace '<root>' \\(TraceError"):
+    # OwnForward, a BatchNorm convert leaves alone, is called as a leaf (not traced
+    # into, where torch's BatchNorm.forward does not trace): the model traces, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = tritonbn.convert(model)
     assert out is model and list(out.state_dict()) == keys
     assert type(out[1]) is tritonbn.BatchNorm1d and out[1].activation == "leaky_relu"
@@ -692,3 +693,32 @@ def test_tracing_leaves_buffers_alone_and_the_graph_updates_them():
     ref = Counting().to(DEVICE)
     check_both_modes(ref, out)
     assert ref.calls.item() == out.calls.item() == 2
+
+
+def test_report_says_what_each_batchnorm_became():
+    """convert(..., report=True): one row per BatchNorm, by name: what it became, the
+    activation and residual fused, or why not; format_report prints them."""
+    from tritonbn.fusion import format_report
+
+    model = nn.Sequential()
+    model.add_module("block", BasicBlock(3, 3))
+    model.add_module("timm", TimmBlock(nn.Hardswish()))
+    model.add_module("tail", TrainingDependent())
+    with pytest.warns(UserWarning, match="could not trace 'tail'"):
+        out, rows = tritonbn.convert(copy.deepcopy(model), report=True)
+    by = {r.name: r for r in rows}
+    assert list(by) == [n for n, m in model.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert (by["block.bn1"].became, by["block.bn1"].activation, by["block.bn1"].residual) == \
+        ("tritonbn.BatchNorm2d", "relu", False)
+    assert by["block.bn2"].activation == "relu" and by["block.bn2"].residual
+    assert by["timm.bn1"].became == "timm.BatchNormAct2d" and "left alone" in by["timm.bn1"].note
+    assert by["timm.bn2"].residual and by["timm.bn2"].note == ""
+    assert by["tail.bn"].activation is None and "could not trace 'tail'" in by["tail.bn"].note
+    assert by["tail.block.bn1"].activation == "relu"  # its own block traced alone
+    text = format_report(rows)
+    assert "timm.bn1" in text and text.splitlines()[-1].startswith(f"{len(rows)} BatchNorms")
+    _, rows = tritonbn.convert(copy.deepcopy(model), fuse_activation=False, report=True)
+    assert {r.note for r in rows if r.became.startswith("tritonbn")} == \
+        {"not fused: fusion was turned off"}
+    assert tritonbn.convert(copy.deepcopy(BasicBlock(3, 3))).__class__ is not tuple

@@ -22,6 +22,7 @@ import inspect
 import operator
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import fx, nn
 from .distributed import SyncBatchNorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormAct
 
-__all__ = ["convert"]
+__all__ = ["convert", "ConvertRow", "format_report"]
 
 # torch class -> the tritonbn class that replaces it (a callable of the module, for a
 # class that might depend on the instance). Looked up along the module's MRO; classes
@@ -43,7 +44,7 @@ _REPLACEMENTS = {
 }
 
 
-def convert(module: nn.Module, *, fuse_activation: bool = True) -> nn.Module:
+def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = False):
     """Run a model's BatchNorms on tritonbn, fusing the activation (and residual add)
     that follows each one into its kernels.
 
@@ -95,22 +96,83 @@ def convert(module: nn.Module, *, fuse_activation: bool = True) -> nn.Module:
 
     ``convert`` of a converted model changes nothing more (fused BatchNorms are not
     fused again).
+
+    **What was fused:** with ``report=True`` it returns ``(module, rows)``: one
+    :class:`ConvertRow` per BatchNorm of the original, by qualified name, saying what
+    it became, the activation and residual add fused into it, or why not.
+    ``print(tritonbn.fusion.format_report(rows))`` shows them as a table.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert() expects an nn.Module, got {type(module).__name__}")
+    originals = [(name, type(m)) for name, m in module.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     module = _replace_batchnorms(module, {})
-    if not fuse_activation:
-        return module
-    _fuse_sequentials(module)
-    failures: list[str] = []
-    module = _fuse_traced(module, "", failures)[0]
+    failures: list[tuple[str, str]] = []
+    if fuse_activation:
+        _fuse_sequentials(module)
+        module = _fuse_traced(module, "", failures)[0]
     if failures:
         warnings.warn(
-            "tritonbn.convert: could not trace " + ", ".join(failures)
+            "tritonbn.convert: could not trace "
+            + ", ".join(f"{name or '<root>'!r} ({why})" for name, why in failures)
             + ": " + ("its" if len(failures) == 1 else "their")
             + " BatchNorms were replaced but not fused with the activations after them",
             UserWarning, stacklevel=2)
+    if report:
+        return module, _report(module, originals, failures, fuse_activation)
     return module
+
+
+@dataclass(frozen=True)
+class ConvertRow:
+    """What :func:`convert` made of one BatchNorm of the original model."""
+    name: str                   # qualified name in the model ("" for the root)
+    was: str                    # its class
+    became: str                 # the class in the converted model
+    activation: str | None      # fused into its kernel
+    residual: bool              # a residual add fused into its kernel
+    note: str                   # why it was left alone or not fused, else ""
+
+
+def _report(module, originals, failures, fuse_activation) -> list[ConvertRow]:
+    now = dict(module.named_modules())
+    with_residual = set()                    # fused calls bn(x, other), in every graph
+    for prefix, gm in now.items():
+        if isinstance(gm, fx.GraphModule):
+            for n in gm.graph.nodes:
+                if n.op == "call_module" and len(n.args) == 2:
+                    with_residual.add(f"{prefix}.{n.target}" if prefix else n.target)
+    rows = []
+    for name, cls in originals:
+        m = now.get(name)
+        act = getattr(m, "activation", None) if isinstance(m, _BatchNormAct) else None
+        note = ""
+        if not isinstance(m, _BatchNormAct):
+            note = (f"left alone: {cls.__name__} computes something else (its own forward "
+                    "or state), or its activation is not one tritonbn fuses")
+        elif act is None and name not in with_residual:
+            untraced = [f for f, _ in failures if not f or name == f or name.startswith(f + ".")]
+            note = ("not fused: fusion was turned off" if not fuse_activation else
+                    f"not fused: could not trace {untraced[-1] or '<root>'!r} "
+                    f"({dict(failures)[untraced[-1]]})" if untraced else
+                    "not fused: no activation tritonbn fuses comes after it")
+        rows.append(ConvertRow(name, cls.__name__, type(m).__module__.split(".")[0] + "."
+                               + type(m).__name__ if m is not None else "-", act,
+                               name in with_residual, note))
+    return rows
+
+
+def format_report(rows: list[ConvertRow]) -> str:
+    """rows of convert(..., report=True) as a text table, and a one-line summary."""
+    lines = [f"{'name':32} {'was':18} {'became':22} {'activation':11} residual  note"]
+    for r in rows:
+        lines.append(f"{r.name or '<root>':32} {r.was:18} {r.became:22} "
+                     f"{r.activation or '-':11} {'yes' if r.residual else '-':9} {r.note}")
+    fused = sum(1 for r in rows if r.activation or r.residual)
+    replaced = sum(1 for r in rows if r.became.startswith("tritonbn."))
+    lines.append(f"{len(rows)} BatchNorms: {replaced} on tritonbn, {fused} with an activation "
+                 f"or residual add fused")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -371,7 +433,7 @@ def _fuse_sequentials(root: nn.Module) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with tritonbn's BatchNorms as leaves (called, not traced into).
+    """torch.fx's tracer, with BatchNorms as leaves (called, not traced into).
     Buffers are proxied: a forward that updates one in place (timm's BatchNormAct2d
     counts num_batches_tracked) records the update in the graph rather than running it
     on the model while tracing (fx's default: the model's counters moved once per trace,
@@ -379,7 +441,10 @@ class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m, module_qualified_name):
-        return isinstance(m, _BatchNormAct) or super().is_leaf_module(m, module_qualified_name)
+        # any BatchNorm convert left alone (timm's BatchNormAct2d with an activation
+        # tritonbn lacks, say) is called as it is: its forward may read self.training
+        return (isinstance(m, (_BatchNormAct, nn.modules.batchnorm._BatchNorm))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 class _Untraceable(Exception):
@@ -425,7 +490,7 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _fuse_traced(module: nn.Module, qualname: str, failures: list[str]):
+def _fuse_traced(module: nn.Module, qualname: str, failures: list):
     """(the module to use in module's place, whether its output comes unfused from a BN)."""
     if isinstance(module, _BatchNormAct):
         return module, module.activation is None
@@ -453,7 +518,7 @@ def _fuse_children(module, qualname, failures, error):
         # a ModuleList / ModuleDict: the module calling its elements is the one to name
         return module, tails
     if tails:
-        failures.append(f"{qualname or '<root>'!r} ({_short(error)})")
+        failures.append((qualname, _short(error)))
     return module, False
 
 
