@@ -6,10 +6,11 @@ interpreter (TRITON_INTERPRET=1) before triton is imported.
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm2d", "SyncBatchNorm", "convert",
            "functional", "__version__"]
 
 _LAZY = {"BatchNorm1d": "modules", "BatchNorm2d": "modules", "BatchNorm3d": "modules",
+         "FrozenBatchNorm2d": "modules",
          "SyncBatchNorm": "distributed", "convert": "fusion", "functional": None}
 
 

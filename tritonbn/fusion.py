@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .distributed import SyncBatchNorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormAct
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm2d, _BatchNormAct
 
 __all__ = ["convert", "ConvertRow", "format_report"]
 
@@ -105,7 +105,8 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert() expects an nn.Module, got {type(module).__name__}")
     originals = [(name, type(m)) for name, m in module.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
+                 or _foreign_frozen(m)]
     module = _replace_batchnorms(module, {})
     failures: list[tuple[str, str]] = []
     if fuse_activation:
@@ -243,9 +244,36 @@ def _timm_norm_act(m: nn.Module):
     return _module_activation(m.act)
 
 
+def _foreign_frozen(m: nn.Module) -> bool:
+    """torchvision.ops.misc.FrozenBatchNorm2d or timm's FrozenBatchNorm2d (by class and
+    module name; neither is imported): fixed weight, bias and running stats, buffers."""
+    t = type(m)
+    return (t.__name__ == "FrozenBatchNorm2d" and (t.__module__ or "").startswith(
+        ("torchvision.", "timm.")) and set(m._buffers) == {"weight", "bias", "running_mean",
+                                                           "running_var"}
+        and not m._parameters and not m._modules and isinstance(getattr(m, "eps", None), float))
+
+
+def _new_frozen(old, activation=None, negative_slope=None) -> FrozenBatchNorm2d:
+    """A tritonbn FrozenBatchNorm2d holding old's very buffers."""
+    new = FrozenBatchNorm2d(old.weight.shape[0], old.eps, device="meta", activation=activation,
+                            negative_slope=(getattr(old, "negative_slope", 0.01)
+                                            if negative_slope is None else negative_slope))
+    for name in list(new._buffers):
+        new._buffers[name] = old._buffers[name]
+    new.training = old.training
+    for attr in _STATE_HOOKS + (_CALL_HOOKS if activation is None else ()):
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
+    return new
+
+
 def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
     if id(module) in memo:                   # a module registered at several places
         return memo[id(module)]
+    if _foreign_frozen(module):
+        memo[id(module)] = new = _new_frozen(module)
+        return new
     cls = _replacement_class(module)
     new = module
     norm_act = _timm_norm_act(module)
@@ -600,7 +628,7 @@ def _add_operands(node):
     return None
 
 
-_TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
+_TRITONBN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, FrozenBatchNorm2d)
 
 
 def _plan(graph: fx.Graph, modules: dict):
@@ -770,7 +798,9 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, tracer: _Tracer):
         if parent is original_parent:        # would modify the original model: skip
             continue
         old = parent._modules[field]
-        parent._modules[field] = _new_batchnorm(type(old), old, activation, slope)
+        parent._modules[field] = (_new_frozen(old, activation, slope)
+                                  if isinstance(old, FrozenBatchNorm2d) else
+                                  _new_batchnorm(type(old), old, activation, slope))
         # the BatchNorm's node becomes the fused call: bn(x) or bn(x, other), run where
         # the add was
         if add is not None:

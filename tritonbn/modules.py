@@ -6,6 +6,7 @@ load_state_dict works both ways with torch's modules.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .functional import _batch_norm, check_activation, check_negative_slope
@@ -126,3 +127,46 @@ class BatchNorm3d(_BatchNormAct, nn.BatchNorm3d):
         >>> m = tritonbn.BatchNorm3d(16, activation="relu")
         >>> y = m(torch.randn(2, 16, 4, 8, 8))
     """
+
+
+class FrozenBatchNorm2d(_BatchNormAct, nn.Module):
+    r"""A BatchNorm2d with fixed statistics and affine parameters, as detection and
+    fine-tuning models use (torchvision.ops.misc.FrozenBatchNorm2d, timm's
+    FrozenBatchNorm2d): ``act((x - running_mean) / sqrt(running_var + eps) * weight
+    + bias [+ residual])`` in one read and one write, on the eval-mode kernels.
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers, as in
+    torchvision's, so backward gives the input's grad (and the residual's) only; the
+    state_dict has those four keys, and a ``num_batches_tracked`` in a loaded one is
+    dropped, as torchvision's does.
+    """
+
+    def __init__(self, num_features, eps=1e-5, device=None, dtype=None, *, activation=None,
+                 negative_slope=0.01):
+        nn.Module.__init__(self)
+        kw = dict(device=device, dtype=dtype)
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self._set_activation(activation, negative_slope)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input, residual=None):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        return _batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                           False, 0.0, self.eps, self.activation, None, residual=residual,
+                           negative_slope=self.negative_slope)
+
+    def extra_repr(self):
+        out = f"{self.num_features}, eps={self.eps}, activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            out += f", negative_slope={self.negative_slope}"
+        return out
