@@ -123,9 +123,9 @@ def test_convert_fuses_frozen_batchnorms():
     assert {n: id(b) for n, b in same.named_buffers()} == buffers
     x = make_input((2, 3, 3, 2), memory_format=torch.channels_last)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = Backbone().to(DEVICE), None
-    ya.load_state_dict(out.state_dict())
-    ya, yb = ya(a), out(b)
+    twin = Backbone().to(DEVICE)
+    twin.load_state_dict(out.state_dict())
+    ya, yb = twin(a), out(b)
     torch.testing.assert_close(yb, ya, **dict(zip(("atol", "rtol"), TOL[torch.float32])))
     g = torch.randn_like(ya)
     ya.backward(g)

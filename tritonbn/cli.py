@@ -50,7 +50,7 @@ def csv_choices(choices):
 
 def _add_bench(sub):
     from .perf import model, schema, shapes
-    from .perf.bench import COMPILE_MODES, DEFAULT_OPS, DTYPES, OPS, Options
+    from .perf.bench import COMPILE_MODES, DEFAULT_OPS, DTYPES, OPS, TIMINGS, Options
 
     p = sub.add_parser("bench", help="time tritonbn against torch (cuDNN/native) and torch.compile",
                        description="Time BatchNorm passes of tritonbn, torch eager and torch.compile "
@@ -95,7 +95,7 @@ def _add_bench(sub):
                    help=f"torch.compile mode of the torch_compile baseline (default "
                         f"{Options.compile_mode}; 'default' compiles in seconds rather than "
                         "minutes); recorded in each record")
-    p.add_argument("--timing", choices=("eager", "graph"), default=Options.timing,
+    p.add_argument("--timing", choices=TIMINGS, default=Options.timing,
                    help="eager (default): each pass called from Python, host time included; "
                         "graph: each pass captured once in a CUDA graph and replayed, the "
                         "device's time alone (GPU); recorded in each record")

@@ -218,15 +218,25 @@ def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
         new.process_group = old.process_group
     if hasattr(old, "qconfig"):
         new.qconfig = old.qconfig
-    # the hooks stay (the same dicts, so that their handles still remove them); a fused
-    # module, which returns act(bn(x) + other), is only made for a module without
-    # forward/backward hooks, and gets none of the original's later ones
-    if keep_hooks is None:
-        keep_hooks = activation is None
-    for attr in _STATE_HOOKS + (_CALL_HOOKS if keep_hooks else ()):
+    _copy_hooks(new, old, activation is None if keep_hooks is None else keep_hooks)
+    return new
+
+
+def _copy_hooks(new: nn.Module, old: nn.Module, calls: bool) -> None:
+    """old's state_dict hooks, and (calls) its forward/backward hooks, on new: the same
+    dicts, so that their handles still remove them. A fused module, which returns
+    act(bn(x) + other), is only made for a module without forward/backward hooks, and
+    gets none of the original's later ones."""
+    for attr in _STATE_HOOKS + (_CALL_HOOKS if calls else ()):
         if attr in old.__dict__:
             new.__dict__[attr] = old.__dict__[attr]
-    return new
+
+
+def _foreign(m: nn.Module, name: str, *packages: str) -> bool:
+    """m is an instance of the class `name` from one of `packages` (torchvision's or
+    timm's, recognized without importing them)."""
+    t = type(m)
+    return t.__name__ == name and (t.__module__ or "").startswith(packages)
 
 
 def _timm_norm_act(m: nn.Module):
@@ -234,10 +244,9 @@ def _timm_norm_act(m: nn.Module):
     whose forward is bn -> self.drop -> self.act; recognized by class and module name,
     timm is not imported) where drop computes nothing and act is nn.Identity or an
     activation tritonbn fuses; else None."""
-    t = type(m)
-    if not (t.__name__ == "BatchNormAct2d" and (t.__module__ or "").startswith("timm.")
-            and isinstance(m, nn.BatchNorm2d) and set(m._modules) == {"drop", "act"}
-            and not _has_hooks(m) and _noop_module(m.drop)):
+    if not (_foreign(m, "BatchNormAct2d", "timm.") and isinstance(m, nn.BatchNorm2d)
+            and set(m._modules) == {"drop", "act"} and not _has_hooks(m)
+            and _noop_module(m.drop)):
         return None
     if type(m.act) is nn.Identity and not _has_hooks(m.act):
         return None, None
@@ -247,11 +256,10 @@ def _timm_norm_act(m: nn.Module):
 def _foreign_frozen(m: nn.Module) -> bool:
     """torchvision.ops.misc.FrozenBatchNorm2d or timm's FrozenBatchNorm2d (by class and
     module name; neither is imported): fixed weight, bias and running stats, buffers."""
-    t = type(m)
-    return (t.__name__ == "FrozenBatchNorm2d" and (t.__module__ or "").startswith(
-        ("torchvision.", "timm.")) and set(m._buffers) == {"weight", "bias", "running_mean",
-                                                           "running_var"}
-        and not m._parameters and not m._modules and isinstance(getattr(m, "eps", None), float))
+    return (_foreign(m, "FrozenBatchNorm2d", "torchvision.", "timm.")
+            and set(m._buffers) == {"weight", "bias", "running_mean", "running_var"}
+            and not m._parameters and not m._modules
+            and isinstance(getattr(m, "eps", None), float))
 
 
 def _new_frozen(old, activation=None, negative_slope=None) -> FrozenBatchNorm2d:
@@ -262,9 +270,7 @@ def _new_frozen(old, activation=None, negative_slope=None) -> FrozenBatchNorm2d:
     for name in list(new._buffers):
         new._buffers[name] = old._buffers[name]
     new.training = old.training
-    for attr in _STATE_HOOKS + (_CALL_HOOKS if activation is None else ()):
-        if attr in old.__dict__:
-            new.__dict__[attr] = old.__dict__[attr]
+    _copy_hooks(new, old, activation is None)
     return new
 
 
@@ -274,13 +280,13 @@ def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
     if _foreign_frozen(module):
         memo[id(module)] = new = _new_frozen(module)
         return new
-    cls = _replacement_class(module)
-    new = module
     norm_act = _timm_norm_act(module)
     if norm_act is not None:                 # its drop and act go into the kernel
-        new = _new_batchnorm(BatchNorm2d, module, *norm_act, keep_hooks=False)
-        memo[id(module)] = new
+        memo[id(module)] = new = _new_batchnorm(BatchNorm2d, module, *norm_act,
+                                                keep_hooks=False)
         return new
+    cls = _replacement_class(module)
+    new = module
     if cls is not None:
         new = _new_batchnorm(cls, module)
         # a subclass with more state than torch's module keeps its class
@@ -334,10 +340,9 @@ def _noop_module(m) -> bool:
         return True
     if t in _DROPOUTS:
         return m.p == 0
-    mod = t.__module__ or ""
-    if t.__name__ == "StochasticDepth" and mod.startswith("torchvision."):
+    if _foreign(m, "StochasticDepth", "torchvision."):
         return getattr(m, "p", None) == 0
-    if t.__name__ == "DropPath" and mod.startswith("timm."):
+    if _foreign(m, "DropPath", "timm."):
         return getattr(m, "drop_prob", None) == 0
     return False
 

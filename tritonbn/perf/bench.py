@@ -127,15 +127,12 @@ def time_pass(fn, device: torch.device, opts: Options) -> tuple[float, dict]:
     if opts.timing != "graph" or device.type != "cuda":
         return time_ms(fn, device, opts), {"timing": "eager"}
     try:
-        replay, graph = graphed(fn)
+        replay, _graph = graphed(fn)  # the graph lives while replay is timed
     except Exception as e:  # noqa: BLE001 - e.g. a baseline that cannot be captured
         torch.cuda.synchronize()
         return time_ms(fn, device, opts), {"timing": "eager",
                                            "graph_error": f"{type(e).__name__}: {e}"[:200]}
-    try:
-        return time_ms(replay, device, opts), {"timing": "graph"}
-    finally:
-        del graph
+    return time_ms(replay, device, opts), {"timing": "graph"}
 
 
 def copy_bandwidth(device: torch.device, opts: Options) -> float:
