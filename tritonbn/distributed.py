@@ -73,7 +73,8 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
     def forward(self, input, residual=None):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        args = self._bn_args(input)
+        state = self._state()
+        args = self._bn_args(input, state)
         comm = None
         if (args[2] and self.training and dist.is_available()
                 and dist.is_initialized()):
@@ -81,7 +82,7 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
             world_size = dist.get_world_size(group)
             if world_size > 1:
                 comm = _Collectives(group, world_size)
-        return self._forward(input, residual, args, comm)
+        return self._forward(input, residual, state, args, comm)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

@@ -20,11 +20,13 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
     value per channel here, since the statistics are over every process's batch."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if input.dim() < 2:
+    shape = input.shape
+    if len(shape) < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    if training and not synced:
-        size_prods = input.shape[0]
-        for n in input.shape[2:]:
+    C = shape[1]
+    if training and not synced and input.numel() <= C:  # else N * H * W > 1 already
+        size_prods = shape[0]
+        for n in shape[2:]:
             size_prods *= n
         if size_prods == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -33,6 +35,17 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
         _torch_eps_check(training, eps)
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
+    device = input.device
+    for t in (running_mean, running_var, weight, bias):  # the common case, cheaply
+        if t is not None and not (t.numel() == C and t.is_floating_point()
+                                  and t.device == device):
+            _check_per_channel(input, running_mean, running_var, weight, bias)
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+
+
+def _check_per_channel(input, running_mean, running_var, weight, bias):
+    """The per-channel tensors' errors, torch's messages, the first one found."""
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -45,8 +58,6 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
         if t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {input.device}")
-    if not training and (running_mean is None or running_var is None):
-        raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
 def _torch_eps_check(training, eps):

@@ -25,32 +25,51 @@ class _BatchNormAct:
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
 
-    def _bn_args(self, input) -> tuple:
-        """torch's _BatchNorm.forward up to its F.batch_norm call: (running_mean,
-        running_var, training, momentum, num_batches_tracked): the running stats to use,
-        whether to normalize with batch statistics, and the momentum (None with
-        num_batches_tracked for the cumulative average, read on the device)."""
+    def _state(self) -> tuple:
+        """(weight, bias, running_mean, running_var, num_batches_tracked), read from the
+        module's own dicts where they are registered there (Module.__getattr__ costs
+        ~0.8 µs a name, five names a call: issue 14), else as attributes (a
+        parametrization, or a name re-set as a plain attribute)."""
+        p, b = self._parameters, self._buffers
+        try:
+            return (p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                    b["num_batches_tracked"])
+        except KeyError:
+            return (self.weight, self.bias, self.running_mean, self.running_var,
+                    self.num_batches_tracked)
+
+    def _bn_args(self, input, state) -> tuple:
+        """torch's _BatchNorm.forward up to its F.batch_norm call, given _state():
+        (running_mean, running_var, training, momentum, num_batches_tracked): the
+        running stats to use, whether to normalize with batch statistics, and the
+        momentum (None with num_batches_tracked for the cumulative average, read on
+        the device)."""
         self._check_input_dim(input)
+        running_mean, running_var, nbt = state[2], state[3], state[4]
         momentum = 0.0 if self.momentum is None else self.momentum
-        nbt = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if self.training and self.track_running_stats and nbt is not None:
+            nbt.add_(1)
             if self.momentum is None:
-                momentum, nbt = None, self.num_batches_tracked  # 1/nbt, read on the device
+                momentum = None  # 1/num_batches_tracked, read on the device
+            else:
+                nbt = None
+        else:
+            nbt = None
         if not self.training:
-            return (self.running_mean, self.running_var,
-                    self.running_mean is None and self.running_var is None, momentum, nbt)
+            return (running_mean, running_var, running_mean is None and running_var is None,
+                    momentum, nbt)
         if self.track_running_stats:
-            return self.running_mean, self.running_var, True, momentum, nbt
+            return running_mean, running_var, True, momentum, nbt
         return None, None, True, momentum, nbt
 
     def forward(self, input, residual=None):
         """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
-        return self._forward(input, residual, self._bn_args(input))
+        state = self._state()
+        return self._forward(input, residual, state, self._bn_args(input, state))
 
-    def _forward(self, input, residual, args, comm=None):
+    def _forward(self, input, residual, state, args, comm=None):
         running_mean, running_var, training, momentum, nbt = args
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+        return _batch_norm(input, running_mean, running_var, state[0], state[1], training,
                            momentum, self.eps, self.activation, nbt, residual=residual,
                            negative_slope=self.negative_slope, comm=comm)
 

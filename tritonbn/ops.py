@@ -484,7 +484,8 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
         return torch.empty_like(x), x, v, mean, s, None, count
     # SyncBatchNorm's collectives, and tuning on first use (TRITONBN_AUTOTUNE=1) of the
     # split kernels, go kernel by kernel; everything else from a cached plan
-    if comm is not None or (tuning.mode() == 1 and _fused_tile(x, v) is None):
+    tile = _fused_tile(x, v)
+    if comm is not None or (tile is None and tuning.mode() == 1):
         mean, s, count = statistics(x, v, batch, running_mean, running_var,
                                     num_batches_tracked, momentum, eps, comm)
         y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
@@ -492,17 +493,18 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     z = like(residual, x) if residual is not None else None
     y, mean, s, mask = _forward_planned(x, v, weight, bias, running_mean, running_var,
                                         num_batches_tracked, batch, momentum, eps, activation,
-                                        slope, z)
+                                        slope, z, tile if batch else None)
     return y, x, v, mean, s, mask, None
 
 
 def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                     momentum, eps, activation, slope, z):
+                     momentum, eps, activation, slope, z, tile):
     """forward's launches from a cached plan (issue 14: host time): the same kernels,
     configs and arguments batch_stats and apply would launch, without rebuilding
-    them per call. Returns y, mean, s and the bit mask (or None)."""
+    them per call; tile is _fused_tile's (None in eval). Returns y, mean, s and the
+    bit mask (or None)."""
     p = _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                      momentum, eps, activation, slope, z is not None)
+                      momentum, eps, activation, slope, z is not None, tile)
     acc, dev = p.acc, x.device
     mask = torch.empty(p.mask, dtype=torch.uint8, device=dev) if p.mask else None
     if p.fused is not None:  # one launch: statistics, running stats, y and the mask
@@ -541,15 +543,15 @@ class _FwdPlan:
 
 
 def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                  momentum, eps, activation, slope, has_z) -> _FwdPlan:
+                  momentum, eps, activation, slope, has_z, tile) -> _FwdPlan:
     """The cached plan of this forward signature. Its key holds every input of the
-    plan: the view, dtype, device, flags, scalars and each kernel's selected config,
-    so a newly tuned config, a forced one or other strides make a new plan."""
+    plan: the view, dtype, device, flags, scalars and each kernel's selected config
+    (or the single-program tile), so a newly tuned config, a forced one or other
+    strides make a new plan."""
     update, from_nbt = (_running_flags(running_mean, running_var, num_batches_tracked, momentum)
                         if batch else (False, False))
-    tile = _fused_tile(x, v) if batch else None
     if tile is not None:
-        cfgs = ("fused", tile)
+        cfgs = tile
     elif batch:
         cfg_s = _select("stats", x, v)
         split = heuristics.split_of(v, cfg_s)
@@ -678,10 +680,11 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
         dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
     reduce = need_dw or need_db or (need_dx and batch)
     elementwise = need_dx or need_dz
-    if comm is None and not (tuning.mode() == 1 and _fused_tile(x, v) is None):
+    tile = _fused_tile(x, v) if comm is None else None
+    if comm is None and (tile is not None or tuning.mode() != 1):
         dx, dw, db, dz2 = _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps,
                                             activation, slope, z, mask, need_dx, need_dw,
-                                            need_db, need_dz, reduce)
+                                            need_db, need_dz, reduce, tile if reduce else None)
         return dx, dw, db, dz2 if need_dz else dz
     kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if elementwise else ())
     tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
@@ -708,14 +711,14 @@ class _BwdPlan:
 
 
 def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
-                      need_dx, need_dw, need_db, need_dz, reduce):
+                      need_dx, need_dw, need_db, need_dz, reduce, tile):
     """backward's launches from a cached plan (issue 14: host time): the same kernels,
     configs and arguments grad_sums and grad_input would launch, without rebuilding
-    them per call. Its key, like _forward_plan's, holds everything the plan is made of."""
+    them per call; tile is _fused_tile's (None without a reduction). Its key, like
+    _forward_plan's, holds everything the plan is made of."""
     elementwise = need_dx or need_dz
     z_ptr, mask_ptr, res = _res(x, z, mask)
-    tile = _fused_tile(x, v) if reduce else None
-    cfgs = ("fused", tile) if tile is not None else ()
+    cfgs = tile if tile is not None else ()
     if reduce and tile is None:
         cfg_r = _select("bwd_reduce", x, v)
         cfgs = (cfg_r, _select("bwd_combine", x, v, heuristics.split_of(v, cfg_r)))
