@@ -215,9 +215,11 @@ def _go(fn, launch, compiled: dict, name: str, *ptrs):
     fn[grid](*ptrs, *args, **opts)
 
 
-def _select(kernel, x, v, split=None):
-    """The config kernel launches with: forced, else tuned for x's bucket, else heuristic."""
-    return _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split)
+def _select(kernel, x, v, split=None, src=None):
+    """The config kernel launches with: forced, else tuned for x's bucket, else heuristic
+    (src: tuning.source of x, when the caller has it)."""
+    return _overrides[kernel] or tuning.select(kernel, x, v, interpreting(), split=split,
+                                               src=src)
 
 
 def _int64(v: View) -> bool:
@@ -553,9 +555,11 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
     if tile is not None:
         cfgs = tile
     elif batch:
-        cfg_s = _select("stats", x, v)
+        src = tuning.source(x, interpreting())
+        cfg_s = _select("stats", x, v, src=src)
         split = heuristics.split_of(v, cfg_s)
-        cfgs = (cfg_s, _select("stats_combine", x, v, split), _select("normalize", x, v))
+        cfgs = (cfg_s, _select("stats_combine", x, v, split, src),
+                _select("normalize", x, v, src=src))
     else:
         cfgs = (_select("normalize", x, v),)
     key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, momentum, eps, activation,
@@ -719,11 +723,12 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     elementwise = need_dx or need_dz
     z_ptr, mask_ptr, res = _res(x, z, mask)
     cfgs = tile if tile is not None else ()
+    src = tuning.source(x, interpreting()) if tile is None else None
     if reduce and tile is None:
-        cfg_r = _select("bwd_reduce", x, v)
-        cfgs = (cfg_r, _select("bwd_combine", x, v, heuristics.split_of(v, cfg_r)))
+        cfg_r = _select("bwd_reduce", x, v, src=src)
+        cfgs = (cfg_r, _select("bwd_combine", x, v, heuristics.split_of(v, cfg_r), src))
     if elementwise and tile is None:
-        cfgs += (_select("dx", x, v),)
+        cfgs += (_select("dx", x, v, src=src),)
     key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
            bias is not None, z is not None, mask is not None, need_dx, need_dw, need_db, need_dz,
            reduce, _overrides["int64"], cfgs)

@@ -32,7 +32,7 @@ from .space import bucket
 
 MODES = ("0", "1")
 __all__ = ["CacheWarning", "bucket", "cache_dir", "cache_path", "heuristics_only", "mode", "on_first_use",
-           "select", "store"]
+           "select", "source", "store"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,17 +122,27 @@ def _default(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None
     return heuristics.heuristic(kernel, v, x.element_size(), x.device, interpret)
 
 
-def select(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None = None):
+def source(x: torch.Tensor, interpret: bool) -> Store | None:
+    """Where the configs of x's launches come from: its GPU's store (under the
+    current cache directory), or None for the heuristics. A forward or backward
+    asks once and passes it to each select (store() reads three environment
+    variables, ~3 µs: issue 14)."""
+    gpu = gpu_name(x, interpret)
+    return None if gpu is None else store(gpu)
+
+
+def select(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None = None,
+           src: Store | None = None):
     """The launch config of `kernel` over x (view v): tuned, shipped, else heuristic.
-    Combine kernels pass the split of the partials they sum.
+    Combine kernels pass the split of the partials they sum; src is source(x,
+    interpret), asked here when not given (None: cheap to ask again, no store).
 
     Runs before every launch, so each answer is memoized in the GPU's store (a few
     dict lookups per launch; the store forgets them when configs are added).
     """
-    gpu = gpu_name(x, interpret)
-    if gpu is None:
+    s = src if src is not None else source(x, interpret)
+    if s is None:
         return _default(kernel, x, v, interpret, split)
-    s = store(gpu)
     key = (kernel, x.dtype, x.device, v, split)
     cfg = s.memo.get(key)
     if cfg is None:
