@@ -22,7 +22,9 @@ Stages (default order; limits in seconds, 530 in all, with the environment 535):
              <name>-graph.json (the first lease's eager timings were host-bound) 45
   paths      bench the split path against the single-program one where both
              apply (BatchNorm1d 256-16384 samples, resnet50 b32 7x7 and
-             14x14), fp16 bn_relu, graph-timed: sets the dispatch threshold  30
+             14x14), fp16 bn_relu, graph-timed: sets the dispatch threshold;
+             then, eager, the split path's combines in launches of their own
+             against the last-program combine                                30
   dataset    the per-kernel dataset: the six kernels alone, heuristic configs on
              every shape, then tuning candidates, compiled ahead in parallel;
              appended to perf/results/kernel-dataset.json                    80
@@ -140,7 +142,11 @@ def _device(ctx):
 def _paths(ctx):
     yield Cmd(_bench(ctx, "--shapes", "paths", "--dtypes", "float16", "--ops", "bn_relu",
                      "--impls", "tritonbn_split,tritonbn_fused,torch",
-                     "--budget-s", _budget(ctx.left() - 8), graph=True))
+                     "--budget-s", _budget(ctx.left() * 0.6 - 4), graph=True))
+    # eager: a CUDA graph capture takes the combine launches either way (ops._counter)
+    yield Cmd(_bench(ctx, "--shapes", "paths", "--dtypes", "float16", "--ops", "bn_relu",
+                     "--impls", "tritonbn_split,tritonbn_kernel_combine",
+                     "--budget-s", _budget(ctx.left() - 8)))
 
 
 def _dataset(ctx):

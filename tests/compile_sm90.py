@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tritonbn import ops  # noqa: E402
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-         torch.float64: "fp64", torch.int64: "i64", torch.uint8: "u8"}
+         torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
 TARGET = GPUTarget("cuda", 90, 32)
 seen = set()
 
@@ -88,9 +88,15 @@ def main():
         w = torch.empty(C, dtype=pdt) if affine else None
         b = torch.empty(C, dtype=pdt) if affine else None
         rm, rv, nbt = torch.empty(C, dtype=pdt), torch.empty(C, dtype=pdt), torch.ones((), dtype=torch.int64)
-        for path, (batch, momentum) in itertools.product(
-                ops.PATHS, ((True, 0.1), (True, None), (False, 0.1))):
-            with ops.launch_overrides(int64=int64, path=path):
+        # the split path with its combines in the reduce launches' last programs (the
+        # default) and, in fp32, in launches of their own (the fallback under CUDA graph
+        # capture; its reduce kernels are those statistics() and sync_variants launch)
+        paths = (("fused", None), ("split", "last"))
+        if dtype == torch.float32 and not int64:
+            paths += (("split", "kernel"),)
+        for (path, combine), (batch, momentum) in itertools.product(
+                paths, ((True, 0.1), (True, None), (False, 0.1))):
+            with ops.launch_overrides(int64=int64, path=path, combine=combine):
                 y, xk, v, mean, s, _, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum,
                                                       1e-5, act)
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,

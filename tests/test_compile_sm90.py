@@ -22,7 +22,8 @@ def test_all_launched_variants_compile_for_sm90():
     found = re.search(r"compiled (\d+) kernel variants", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]
     # JIT-equal compiles of realistic shapes: no local memory, 128-bit loads where aligned
+    # (6 shapes, 4 launches a training step on the split path, 2 on the single-program)
     found = re.search(r"sass checked (\d+) launches", proc.stdout)
-    assert found and int(found.group(1)) >= 30, proc.stdout[-2000:]
+    assert found and int(found.group(1)) >= 20, proc.stdout[-2000:]
     found = re.search(r"compiled (\d+) tuning candidates", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]

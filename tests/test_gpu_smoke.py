@@ -132,3 +132,41 @@ def test_smoke_fast_launch_equals_the_jit(monkeypatch, shape, cl, residual):
         results.append(out)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA streams")
+def test_smoke_last_program_combine_on_two_streams_at_once():
+    """The split path's last-program combine, two BatchNorms launched on two streams
+    at once (each stream its own arrival counters, ops._counter): bit for bit what
+    each gives alone, and the counters are left at 0."""
+    shape = (32, 256, 28, 28)
+    torch.manual_seed(0)
+    xs = [torch.randn(shape, device=DEVICE, dtype=F16).to(memory_format=torch.channels_last)
+          + 1.5 for _ in range(2)]
+    dys = [torch.randn_like(x) for x in xs]
+
+    def steps(i, out):
+        m = tritonbn.BatchNorm2d(shape[1], activation="relu", device=DEVICE)
+        for _ in range(3):
+            x = xs[i].detach().requires_grad_()
+            y = m(x)
+            y.backward(dys[i])
+            out += [y, x.grad, m.weight.grad.clone()]
+            m.weight.grad = m.bias.grad = None
+        out += [m.running_mean, m.running_var]
+
+    with ops.launch_overrides(path="split", combine="last"):
+        alone = [[], []]
+        for i in range(2):
+            steps(i, alone[i])
+        together = [[], []]
+        streams = [torch.cuda.Stream() for _ in range(2)]
+        torch.cuda.synchronize()
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                steps(i, together[i])
+        torch.cuda.synchronize()
+    for a, b in zip(alone[0] + alone[1], together[0] + together[1]):
+        assert torch.equal(a, b)
+    assert len(ops._counters) >= 2
+    assert all(int(c.abs().sum()) == 0 for c in ops._counters.values())

@@ -218,6 +218,11 @@ def test_stubbed_launches_run_nothing_and_count():
     assert launches == ["fused_forward_kernel", "fused_backward_kernel"]  # a small shape
     launches.clear()
     with stubbed_launches(launches), ops.launch_overrides(path="split"):
+        bn(x).backward(torch.ones_like(y))  # the combines in the reduce launches
+    assert launches == ["stats_partial_kernel", "normalize_kernel", "bwd_reduce_kernel",
+                        "bwd_dx_kernel"]
+    launches.clear()
+    with stubbed_launches(launches), ops.launch_overrides(path="split", combine="kernel"):
         bn(x).backward(torch.ones_like(y))
     assert launches == ["stats_partial_kernel", "stats_combine_kernel", "normalize_kernel",
                         "bwd_reduce_kernel", "bwd_combine_kernel", "bwd_dx_kernel"]

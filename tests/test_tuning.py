@@ -420,8 +420,10 @@ def test_mode_0_never_tunes_and_uses_tuned_configs(monkeypatch):
     bn, ref = tritonbn.BatchNorm2d(6, activation="relu"), torch.nn.BatchNorm2d(6, dtype=torch.float64)
     with tuning.simulate_gpu(FakeTimer(), gpu=GPU):
         y, y_ref, dx, dx_ref = train_step(bn, ref, x)
-    assert calls == [] and used[0] == tuned  # stats launches first, with the cached config
-    assert len(used) == 4 and all(c != tuned for c in used[1:])
+    # stats launches first, with the cached config (planned with its last-program combine
+    # and without, the fallback under CUDA graph capture; bwd_reduce too), the others not
+    assert calls == [] and used[:2] == [tuned, tuned]
+    assert len(used) == 6 and all(c != tuned for c in used[2:])
     assert_close(y, y_ref, torch.float32)
     assert_close(dx, dx_ref, torch.float32, 4)
 

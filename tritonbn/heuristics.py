@@ -176,3 +176,25 @@ def heuristic_combine(C: int, split: int) -> CombineConfig:
     sweeping 528 splits 32 at a time took 39 us, against ~3 us for the others)."""
     block_c = min(pow2(C), 16)
     return CombineConfig(BLOCK_S=min(pow2(split), max(8, 2048 // block_c)), BLOCK_C=block_c)
+
+
+def last_combine_block_s(split: int, block_c: int) -> int:
+    """Partials a step of the last-program combine (the combine run by a reduce
+    launch's last program, over that launch's BLOCK_C channels): up to 2048 values
+    per step, as heuristic_combine (more raised the CL fp16 stats kernel's registers
+    past 80, and its programs per SM from 4 to 3 or fewer, in the sm_90 compile)."""
+    return min(pow2(split), max(1, 2048 // block_c))
+
+
+# The last-program combine is the default where its program sweeps the partials in at
+# most this many steps: one program's dependent L2 round trips, after every other
+# program of its channel block is done, against a combine launch of its own that
+# spreads the channels over several programs (the first GPU lease: 4 programs took
+# 12.7 µs over 523 partials of 64 channels, 1 program 39 µs).
+LAST_COMBINE_MAX_STEPS = 2
+
+
+def last_combine_fits(split: int, block_c: int) -> bool:
+    """Whether a reduce launch of `split` partials over BLOCK_C channels takes the
+    last-program combine by default (see LAST_COMBINE_MAX_STEPS)."""
+    return cdiv(split, last_combine_block_s(split, block_c)) <= LAST_COMBINE_MAX_STEPS

@@ -44,8 +44,13 @@ def residual_mode(activation, has_residual: bool) -> int:
 # and which path (None: by the shape; "split": stats, combine, normalize; "fused": the
 # single-program kernels where the tile fits). A forced config of a split kernel
 # means the split path, unless path says otherwise.
-_overrides: dict = dict.fromkeys(KERNELS) | {"int64": False, "path": None, "forced": False}
+# and, on the split path, where the combines run (None: by default "last", in the last
+# program of each reduce launch; "kernel": a combine launch of their own). A forced
+# config of a combine kernel means "kernel" for its pass, unless combine says otherwise.
+_overrides: dict = dict.fromkeys(KERNELS) | {"int64": False, "path": None, "forced": False,
+                                             "combine": None}
 PATHS = ("split", "fused")
+COMBINES = ("last", "kernel")
 # groups of kernels launch_overrides accepts under one name
 GROUPS = {"reduce": REDUCE_KERNELS,
           "elementwise": tuple(k for k in TILE_KERNELS if k not in REDUCE_KERNELS)}
@@ -76,14 +81,17 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def launch_overrides(int64: bool | None = None, path: str | None = None,
-                     **configs: Config | CombineConfig | None):
+                     combine: str | None = None, **configs: Config | CombineConfig | None):
     """Force launch configs inside the block, by kernel name (see heuristics.KERNELS)
     or group ("reduce": stats + bwd_reduce, "elementwise": normalize + dx); None
     keeps the usual choice. int64=True forces 64-bit offsets. path="split" or
     "fused" forces that path (fused where its tile fits, heuristics.fused_tile); a
-    forced config alone implies the split path."""
+    forced config alone implies the split path. combine="last" or "kernel" forces
+    where the split path's combines run (see _last_combine)."""
     if path is not None and path not in PATHS:
         raise TypeError(f"launch_overrides: path must be one of {PATHS}, got {path!r}")
+    if combine is not None and combine not in COMBINES:
+        raise TypeError(f"launch_overrides: combine must be one of {COMBINES}, got {combine!r}")
     saved = dict(_overrides)
     for name, cfg in configs.items():
         if name not in KERNELS and name not in GROUPS:
@@ -95,6 +103,8 @@ def launch_overrides(int64: bool | None = None, path: str | None = None,
         _overrides["int64"] = int64
     if path is not None:
         _overrides["path"] = path
+    if combine is not None:
+        _overrides["combine"] = combine
     _overrides["forced"] = any(_overrides[k] is not None for k in KERNELS)
     try:
         yield
@@ -118,6 +128,16 @@ def path_of(x: torch.Tensor) -> str:
     """Which path a training step over x takes: "fused" (single-program) or "split"."""
     xk, v = kernel_view(x)
     return "split" if _fused_tile(xk, v) is None else "fused"
+
+
+def combine_of(x: torch.Tensor) -> str:
+    """Where a training forward's combine over x runs on the split path: "last" (in
+    the stats launch's last programs; not under CUDA graph capture, see _counter) or
+    "kernel" (a launch of its own)."""
+    xk, v = kernel_view(x)
+    cfg = _select("stats", xk, v)
+    return "last" if _last_combine("stats_combine", heuristics.split_of(v, cfg),
+                                   cfg.BLOCK_C) else "kernel"
 
 
 def _acc(dtype: torch.dtype):
@@ -213,6 +233,69 @@ def _go(fn, launch, compiled: dict, name: str, *ptrs):
             compiled[name] = (spec, k)
         return
     fn[grid](*ptrs, *args, **opts)
+
+
+# The last-program combine (kernels/common.py, last_to_arrive): the split path's
+# reduce launches end with the combine, run by the last program of each channel
+# block to finish, so each pass is 2 launches, not 3. TRITONBN_LAST_COMBINE=0, read
+# at import, turns it off (a combine launch of its own, as before).
+_LAST_COMBINE = os.environ.get("TRITONBN_LAST_COMBINE", "1") != "0"
+
+
+def _last_combine(combine_kernel: str, split: int | None = None,
+                  block_c: int | None = None) -> bool:
+    """Whether this pass's combine runs in its reduce launch's last program: forced
+    either way, else by default where that program's sweep is short
+    (heuristics.last_combine_fits for the reduce launch's split and BLOCK_C, when
+    given), unless the combine kernel's config is forced."""
+    mode = _overrides["combine"]
+    if mode is not None:
+        return mode == "last"
+    return (_LAST_COMBINE and _overrides[combine_kernel] is None
+            and (split is None or heuristics.last_combine_fits(split, block_c)))
+
+
+# Arrival counters of the last-program combine, one int32 per channel block, per
+# (device, stream): two launches at once on different streams never share one. Every
+# launch leaves them at 0. Not under CUDA graph capture: a graph would keep the
+# counters' address, and its replay (on any stream) could then meet an eager launch
+# on the capture's stream at the same counters; a capture takes the combine launches
+# (the same count of graph nodes as a counter of its own, whose zeroing is a node).
+_counters: dict = {}
+_MAX_COUNTERS = 64
+
+
+def _counter(x: torch.Tensor, blocks: int) -> torch.Tensor | None:
+    """At least `blocks` zeroed arrival counters for launches over x on the current
+    stream, or None while a CUDA graph is being captured."""
+    dev = x.device
+    if _capturing(dev):
+        return None
+    if dev.type == "cuda":
+        key = (dev.index, torch._C._cuda_getCurrentRawStream(dev.index))
+    else:
+        key = (dev, 0)
+    c = _counters.get(key)
+    if c is None or c.numel() < blocks:
+        if len(_counters) >= _MAX_COUNTERS:
+            _counters.clear()  # freed memory is reused in stream order: no launch loses its own
+        c = _counters[key] = torch.zeros(max(blocks, 256), dtype=torch.int32, device=dev)
+    return c
+
+
+def _capturing(dev: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream of dev."""
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# the stats kernel's arguments beyond the view: its last-program combine's, and those of
+# a launch without it
+_STATS_PARTIAL = ("momentum_hi", "momentum_lo", "eps", "COMBINE", "BLOCK_S", "UPDATE_RUNNING",
+                  "MOMENTUM_FROM_NBT")
+_NO_COMBINE_STATS = (0.0, 0.0, 0.0, False, 1, False, False)
+# bwd_reduce's, after its _ACT and RES
+_REDUCE_COMBINE = ("COMBINE", "BLOCK_S", "HAS_DW", "HAS_DB")
+_NO_COMBINE_GRADS = (False, 1, False, False)
 
 
 def _select(kernel, x, v, split=None, src=None):
@@ -311,9 +394,10 @@ def batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, 
 
 def stats_partials(x, v) -> torch.Tensor:
     """The stats kernel alone: per-split (mean, M2, count) of x, [3, split, C]."""
-    grid, args, opts = _launch("stats", "stats_partial_kernel", x, v)
+    grid, args, opts = _launch("stats", "stats_partial_kernel", x, v, None, _NO_COMBINE_STATS,
+                               _STATS_PARTIAL)
     partials = torch.empty((3, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
-    K.stats_partial_kernel[grid](x, partials, *args, **opts)
+    K.stats_partial_kernel[grid](x, partials, *(partials,) * 6, *args, **opts)
     return partials
 
 
@@ -521,13 +605,20 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
         return y, mean, s, mask
     if batch:
         partials = torch.empty(p.partials, dtype=acc, device=dev)
-        _go(K.stats_partial_kernel, p.stats, p.compiled, "stats", x, partials)
         mean = torch.empty(v.C, dtype=acc, device=dev)
         s = torch.empty(v.C, dtype=acc, device=dev)
-        _go(K.stats_combine_kernel, p.combine, p.compiled, "combine",
-            partials, mean, s, running_mean if p.update else partials,
-            running_var if p.update else partials,
-            num_batches_tracked if p.from_nbt else partials, partials, partials)
+        rm = running_mean if p.update else partials
+        rv = running_var if p.update else partials
+        nbt = num_batches_tracked if p.from_nbt else partials
+        counter = _counter(x, p.stats[0][0]) if p.stats_last is not None else None
+        if counter is not None:  # one launch: the partials, and the combine in the last
+            _go(K.stats_partial_kernel, p.stats_last, p.compiled, "stats_last",
+                x, partials, mean, s, rm, rv, nbt, counter)
+        else:
+            _go(K.stats_partial_kernel, p.stats, p.compiled, "stats", x, partials,
+                *(partials,) * 6)
+            _go(K.stats_combine_kernel, p.combine, p.compiled, "combine",
+                partials, mean, s, rm, rv, nbt, partials, partials)
     else:
         mean, s = running_mean, running_var
     y = torch.empty_like(x)
@@ -540,8 +631,8 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
 class _FwdPlan:
     """The launches of one forward signature, built once: (grid, scalar arguments,
     options) of each kernel, the shapes to allocate, and the running-stat flags."""
-    __slots__ = ("acc", "partials", "stats", "combine", "normalize", "mask", "update",
-                 "from_nbt", "fused", "compiled")
+    __slots__ = ("acc", "partials", "stats", "stats_last", "combine", "normalize", "mask",
+                 "update", "from_nbt", "fused", "compiled")
 
 
 def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
@@ -559,7 +650,8 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
         cfg_s = _select("stats", x, v, src=src)
         split = heuristics.split_of(v, cfg_s)
         cfgs = (cfg_s, _select("stats_combine", x, v, split, src),
-                _select("normalize", x, v, src=src))
+                _select("normalize", x, v, src=src),
+                _last_combine("stats_combine", split, cfg_s.BLOCK_C))
     else:
         cfgs = (_select("normalize", x, v),)
     key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, momentum, eps, activation,
@@ -580,13 +672,21 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
                                 _FUSED_FORWARD)
         return _remember(key, p)
     if batch:
-        p.stats = _launch("stats", "stats_partial_kernel", x, v)
+        p.stats = _launch("stats", "stats_partial_kernel", x, v, None, _NO_COMBINE_STATS,
+                          _STATS_PARTIAL)
         split = p.stats[0][1]
         p.partials = (3, split, v.C)
         p.combine = _launch_combine(
             "stats_combine", "stats_combine_kernel", x, v, split,
             (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, False, False),
             _COMBINE_STATS)
+        p.stats_last = None
+        if cfgs[-1]:
+            p.stats_last = _launch(
+                "stats", "stats_partial_kernel", x, v, None,
+                (*_fp32_pair(momentum or 0.0), float(eps), True,
+                 heuristics.last_combine_block_s(split, cfgs[0].BLOCK_C), update, from_nbt),
+                _STATS_PARTIAL)
     p.normalize = _launch(
         "normalize", "normalize_kernel", x, v, x if mask else None,
         (*_act_args(weight, bias, batch, eps, activation, slope), has_z, mask),
@@ -616,12 +716,13 @@ def grad_partials(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation,
     """The bwd_reduce kernel alone: per-split (sum dy', sum dy' * xhat), [2, split, C]."""
     z_ptr, mask_ptr, res = _res(x, z, mask)
     grid, args, opts = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask,
-                               (*_act_args(weight, bias, batch, eps, activation, slope), res),
-                               _ACT + ("RES",))
+                               (*_act_args(weight, bias, batch, eps, activation, slope), res,
+                                *_NO_COMBINE_GRADS), _ACT + ("RES",) + _REDUCE_COMBINE)
     partials = torch.empty((2, grid[1], v.C), dtype=_acc(x.dtype)[0], device=x.device)
     K.bwd_reduce_kernel[grid](x, dy, z_ptr, mask_ptr, mean, s,
                               weight if weight is not None else s,
-                              bias if bias is not None else s, partials, *args, **opts)
+                              bias if bias is not None else s, partials, *(partials,) * 4,
+                              *args, **opts)
     return partials
 
 
@@ -711,7 +812,8 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
 
 class _BwdPlan:
     """The launches of one backward signature, built once (as _FwdPlan)."""
-    __slots__ = ("acc", "partials", "reduce", "combine", "dx", "fused", "compiled")
+    __slots__ = ("acc", "partials", "reduce", "reduce_last", "combine", "dx", "fused",
+                 "compiled")
 
 
 def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
@@ -726,7 +828,9 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     src = tuning.source(x, interpreting()) if tile is None else None
     if reduce and tile is None:
         cfg_r = _select("bwd_reduce", x, v, src=src)
-        cfgs = (cfg_r, _select("bwd_combine", x, v, heuristics.split_of(v, cfg_r), src))
+        split = heuristics.split_of(v, cfg_r)
+        cfgs = (cfg_r, _select("bwd_combine", x, v, split, src),
+                _last_combine("bwd_combine", split, cfg_r.BLOCK_C))
     if elementwise and tile is None:
         cfgs += (_select("dx", x, v, src=src),)
     key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
@@ -744,12 +848,18 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
                 (*act, res, batch and need_dx, need_dx, need_dz, need_dw, need_db),
                 _ACT + ("RES", "TRAINING", "WRITE_DX", "WRITE_DZ", "HAS_DW", "HAS_DB"))
         elif reduce:
-            p.reduce = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask, (*act, res),
-                               _ACT + ("RES",))
+            names = _ACT + ("RES",) + _REDUCE_COMBINE
+            p.reduce = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask,
+                               (*act, res, *_NO_COMBINE_GRADS), names)
             split = p.reduce[0][1]
             p.partials = (2, split, v.C)
             p.combine = _launch_combine("bwd_combine", "bwd_combine_kernel", x, v, split,
                                         (need_dw, need_db), ("HAS_DW", "HAS_DB"))
+            p.reduce_last = None
+            if cfgs[2]:
+                block_s = heuristics.last_combine_block_s(split, cfgs[0].BLOCK_C)
+                p.reduce_last = _launch("bwd_reduce", "bwd_reduce_kernel", x, v, mask,
+                                        (*act, res, True, block_s, need_dw, need_db), names)
         if elementwise and tile is None:
             p.dx = _launch("dx", "bwd_dx_kernel", x, v, mask,
                            (*act, res, False, batch and need_dx, need_dx, need_dz),
@@ -769,13 +879,20 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
         return dx, dw, db, dz
     if reduce:
         partials = torch.empty(p.partials, dtype=p.acc, device=x.device)
-        _go(K.bwd_reduce_kernel, p.reduce, p.compiled, "reduce", x, dy, z_ptr, mask_ptr, mean,
-            s, w, b, partials)
         sums = torch.empty((2, v.C), dtype=p.acc, device=x.device)
         dw = torch.empty_like(weight) if need_dw else None
         db = torch.empty_like(bias) if need_db else None
-        _go(K.bwd_combine_kernel, p.combine, p.compiled, "combine", partials, sums,
-            dw if need_dw else sums, db if need_db else sums)
+        dw_ptr = dw if need_dw else sums
+        db_ptr = db if need_db else sums
+        counter = _counter(x, p.reduce[0][0]) if p.reduce_last is not None else None
+        if counter is not None:  # one launch: the partials, and the combine in the last
+            _go(K.bwd_reduce_kernel, p.reduce_last, p.compiled, "reduce_last", x, dy, z_ptr,
+                mask_ptr, mean, s, w, b, partials, sums, dw_ptr, db_ptr, counter)
+        else:
+            _go(K.bwd_reduce_kernel, p.reduce, p.compiled, "reduce", x, dy, z_ptr, mask_ptr,
+                mean, s, w, b, partials, *(partials,) * 4)
+            _go(K.bwd_combine_kernel, p.combine, p.compiled, "combine", partials, sums, dw_ptr,
+                db_ptr)
     if elementwise:
         dx = torch.empty_like(x) if need_dx else None
         dz = torch.empty_like(x) if need_dz else None

@@ -3,6 +3,7 @@
 
 pass 1  bwd_reduce_kernel   partials[0, split, c] = sum dy', [1, split, c] = sum dy' * xhat
 pass 2  bwd_combine_kernel  sums[0, c], sums[1, c]; dbias = sum dy', dweight = sum dy' * xhat
+        (or, with COMBINE, in bwd_reduce's last program of each channel block, as stats.py)
 dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat * sum dy'xhat/M)
                             (SyncBatchNorm: the sums and M over every process)
                             eval:     dx = w * invstd * dy'
@@ -11,8 +12,8 @@ dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat 
 import triton
 import triton.language as tl
 
-from .common import (RES_MASK, channel_block, channel_params, load_dy_xhat, mask_tile,
-                     tile_range, tile_rows)
+from .common import (RES_MASK, channel_block, channel_params, last_to_arrive, load_dy_xhat,
+                     mask_tile, tile_range, tile_rows)
 
 
 @triton.jit
@@ -33,12 +34,14 @@ def tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, inv
 
 @triton.jit
 def bwd_reduce_kernel(
-    x_ptr, dy_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr,
+    x_ptr, dy_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr, sums_ptr,
+    dw_ptr, db_ptr, counter_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,
     M_OUTER, M_INNER, ms_outer, ms_c, ms_inner,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+    COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
@@ -67,6 +70,10 @@ def bwd_reduce_kernel(
     plane = tl.num_programs(1) * C
     tl.store(partials_ptr + split_offs, sum_dy, mask=cmask)
     tl.store(partials_ptr + plane + split_offs, sum_dy_xhat, mask=cmask)
+    if COMBINE:
+        if last_to_arrive(counter_ptr):
+            combine_grads(partials_ptr, sums_ptr, dw_ptr, db_ptr, c, cmask, C,
+                          tl.num_programs(1), BLOCK_S, BLOCK_C, HAS_DW, HAS_DB, ACC)
 
 
 @triton.jit
@@ -76,7 +83,16 @@ def bwd_combine_kernel(
     HAS_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    combine_grads(partials_ptr, sums_ptr, dw_ptr, db_ptr, c, c < C, C, SPLIT, BLOCK_S, BLOCK_C,
+                  HAS_DW, HAS_DB, ACC)
+
+
+@triton.jit
+def combine_grads(partials_ptr, sums_ptr, dw_ptr, db_ptr, c, cmask, C, SPLIT,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DW: tl.constexpr,
+                  HAS_DB: tl.constexpr, ACC: tl.constexpr):
+    """Pass 2 for channels c: the partials [2, SPLIT, C] summed in split order (read
+    through L2, .cg, as stats.combine_stats)."""
     plane = SPLIT * C
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
@@ -84,8 +100,10 @@ def bwd_combine_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < SPLIT)[:, None] & cmask[None, :]
         offs = s[:, None] * C + c[None, :]
-        sum_dy += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0), axis=0)
-        sum_dy_xhat += tl.sum(tl.load(partials_ptr + plane + offs, mask=mask, other=0.0), axis=0)
+        sum_dy += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg"), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(partials_ptr + plane + offs, mask=mask, other=0.0,
+                                      cache_modifier=".cg"), axis=0)
     tl.store(sums_ptr + c, sum_dy, mask=cmask)
     tl.store(sums_ptr + C + c, sum_dy_xhat, mask=cmask)
     if HAS_DW:

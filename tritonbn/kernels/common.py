@@ -31,6 +31,24 @@ def channel_block(C, s_c, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
+def last_to_arrive(counter_ptr):
+    """The last-program combine's ticket: True in the last program of this channel
+    block (program_id(0)) to get here, which also leaves the block's arrival counter
+    at 0 for the next launch. Nothing waits, so no program depends on another being
+    resident. The barrier first: every thread's stores of this program's partial are
+    done before the release (acq_rel, GPU scope); the barrier after: the acquire,
+    made by one thread, comes before every thread's reads of the others' partials
+    (which go through L2: .cg loads)."""
+    tl.debug_barrier()
+    ptr = counter_ptr + tl.program_id(0)
+    ticket = tl.atomic_add(ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == tl.num_programs(1) - 1
+    tl.store(ptr, 0, mask=last)
+    tl.debug_barrier()
+    return last
+
+
+@triton.jit
 def tile_range(n_tiles, tiles_per_split):
     """The [start, end) tile indices walked by this program's split."""
     t0 = tl.program_id(1) * tiles_per_split

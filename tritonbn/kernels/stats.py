@@ -6,19 +6,25 @@ pass 2  stats_combine_kernel   grid (channel blocks,)
         mean, invstd (saved for backward) and the running-stat update, in place;
         or (WRITE_PARTIAL) this process's own (mean, M2, count) as one partial,
         which SyncBatchNorm gathers from every process and combines again here.
+
+With COMBINE, pass 2 needs no launch of its own: the last program of each channel
+block to finish its partial (an arrival counter per channel block) runs the same
+combine, in split order, and resets the counter (the last-program combine).
 """
 import triton
 import triton.language as tl
 
-from .common import channel_block, tile_range, tile_rows
+from .common import channel_block, last_to_arrive, tile_range, tile_rows
 
 
 @triton.jit
 def stats_partial_kernel(
-    x_ptr, partials_ptr,
+    x_ptr, partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, counter_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split,
+    momentum_hi, momentum_lo, eps,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
-    INT64: tl.constexpr, ACC: tl.constexpr,
+    INT64: tl.constexpr, ACC: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
@@ -54,6 +60,12 @@ def stats_partial_kernel(
     tl.store(partials_ptr + split_offs, shift + mean, mask=cmask)
     tl.store(partials_ptr + plane + split_offs, m2, mask=cmask)
     tl.store(partials_ptr + 2 * plane + split_offs, n, mask=cmask)
+    if COMBINE:
+        if last_to_arrive(counter_ptr):
+            combine_stats(partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
+                          partials_ptr, partials_ptr, c, cmask, C, tl.num_programs(1),
+                          momentum_hi, momentum_lo, eps, BLOCK_S, BLOCK_C, UPDATE_RUNNING,
+                          MOMENTUM_FROM_NBT, False, False, ACC)
 
 
 @triton.jit
@@ -65,33 +77,54 @@ def stats_combine_kernel(
     ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    combine_stats(partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr,
+                  count_ptr, c, c < C, C, SPLIT, momentum_hi, momentum_lo, eps, BLOCK_S, BLOCK_C,
+                  UPDATE_RUNNING, MOMENTUM_FROM_NBT, WRITE_PARTIAL, STORE_COUNT, ACC)
+
+
+@triton.jit
+def combine_stats(
+    partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr, count_ptr,
+    c, cmask, C, SPLIT, momentum_hi, momentum_lo, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    MOMENTUM_FROM_NBT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, STORE_COUNT: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Pass 2 for channels c: the partials [3, SPLIT, C] combined, in split order. Reads
+    the partials through L2 (.cg): under the last-program combine other programs
+    wrote them during this launch."""
     plane = SPLIT * C
-    # Chan's parallel combine in two sweeps: the overall mean first, then
-    # M2 = sum(M2_s) + sum(n_s * (mean_s - mean)^2), every term non-negative.
-    shift = tl.load(partials_ptr + c, mask=cmask, other=0.0)  # split 0's mean
+    # Chan's parallel combine in one sweep, in split order: each step's BLOCK_S partials
+    # combined (their mean about split 0's, then M2 about theirs), then merged into the
+    # running (n, mean, M2); every M2 term is non-negative. The mean itself is
+    # shift + sum(n_s * (mean_s - shift)) / n.
+    shift = tl.load(partials_ptr + c, mask=cmask, other=0.0, cache_modifier=".cg")  # split 0
     n = tl.zeros([BLOCK_C], ACC)
     weighted = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(0, SPLIT, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < SPLIT)[:, None] & cmask[None, :]
-        offs = s[:, None] * C + c[None, :]
-        pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0)
-        pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
-        n += tl.sum(pn, axis=0)
-        weighted += tl.sum(pn * (pmean - shift[None, :]), axis=0)
-    n = tl.where(cmask, n, 2.0)  # lanes past C: no 0/0 in the mean or n / (n - 1)
-    mean = shift + weighted / n
+    cmean = tl.zeros([BLOCK_C], ACC)  # the running combined mean, about shift
     m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(0, SPLIT, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < SPLIT)[:, None] & cmask[None, :]
         offs = s[:, None] * C + c[None, :]
-        pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0)
-        pm2 = tl.load(partials_ptr + plane + offs, mask=mask, other=0.0)
-        pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0)
-        d = tl.where(mask, pmean - mean[None, :], 0.0)
-        m2 += tl.sum(pm2 + pn * d * d, axis=0)
+        pmean = tl.load(partials_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        pm2 = tl.load(partials_ptr + plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        pn = tl.load(partials_ptr + 2 * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        dev = tl.where(mask, pmean - shift[None, :], 0.0)
+        nb = tl.sum(pn, axis=0)
+        wb = tl.sum(pn * dev, axis=0)
+        meanb = wb / tl.maximum(nb, 1.0)
+        d = tl.where(mask, dev - meanb[None, :], 0.0)
+        m2b = tl.sum(pm2 + pn * d * d, axis=0)
+        total = n + nb
+        delta = meanb - cmean
+        frac = nb / tl.maximum(total, 1.0)
+        cmean += delta * frac
+        m2 += m2b + delta * delta * n * frac
+        n = total
+        weighted += wb
+    n = tl.where(cmask, n, 2.0)  # lanes past C: no 0/0 in the mean or n / (n - 1)
+    mean = shift + weighted / n
     if WRITE_PARTIAL:  # the partials layout, one split: [0] mean, [1] M2, [2] count
         tl.store(stats_ptr + c, mean, mask=cmask)
         tl.store(stats_ptr + C + c, m2, mask=cmask)

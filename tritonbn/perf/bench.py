@@ -51,7 +51,8 @@ OPS = model.OPS
 # residual tail relu(bn(x) + z); the other activations move bn_relu's bytes
 DEFAULT_OPS = ("bn", "bn_relu", "bn_add_relu")
 # implementations that are tritonbn's modules (schema.IMPLS)
-TRITONBN_IMPLS = ("tritonbn", "tritonbn_heuristic", "tritonbn_split", "tritonbn_fused")
+TRITONBN_IMPLS = ("tritonbn", "tritonbn_heuristic", "tritonbn_split", "tritonbn_fused",
+                  "tritonbn_kernel_combine")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 # torch.compile modes --compile-mode takes ("default" compiles in seconds, not minutes)
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduce-overhead")
@@ -367,7 +368,9 @@ def _run_impl(impl, case, layout, dtype_name, op, opts, device, ceiling, interpr
 
     context = {"tritonbn_heuristic": heuristics_only,
                "tritonbn_split": lambda: ops.launch_overrides(path="split"),
-               "tritonbn_fused": lambda: ops.launch_overrides(path="fused")
+               "tritonbn_fused": lambda: ops.launch_overrides(path="fused"),
+               "tritonbn_kernel_combine": lambda: ops.launch_overrides(path="split",
+                                                                       combine="kernel"),
                }.get(impl, contextlib.nullcontext)
     with context():
         return _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpreted,
@@ -396,6 +399,8 @@ def _measure(impl, case, layout, dtype_name, op, opts, device, ceiling, interpre
         backend = "triton-interpreter" if interpreted else "triton"
         # fused: one launch each way, measured against the single-read model
         extra["path"] = ops.path_of(x)
+        if extra["path"] == "split":  # where its combines ran (outside CUDA graph capture)
+            extra["combine"] = ops.combine_of(x)
     elif impl == "torch_compile":
         backend = "inductor"
         extra["compile_mode"] = opts.compile_mode

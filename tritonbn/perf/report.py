@@ -31,7 +31,8 @@ OP_TEXT = {"bn": "BatchNorm alone",
 
 IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.compile",
               "tritonbn_heuristic": "tritonbn, heuristic configs",
-              "tritonbn_split": "tritonbn, split path", "tritonbn_fused": "tritonbn, single-program"}
+              "tritonbn_split": "tritonbn, split path", "tritonbn_fused": "tritonbn, single-program",
+              "tritonbn_kernel_combine": "tritonbn, split path, combine launches"}
 
 
 def load(path: str) -> dict:
@@ -202,22 +203,36 @@ def markdown(doc: dict, plots: dict) -> str:
 
 
 def _paths(records) -> list[str]:
-    """The split path against the single-program one, where both were timed."""
+    """The split path against the single-program one, and the last-program combine
+    against combine launches of their own, where both were timed."""
+    return _versus(records, "tritonbn_split", "tritonbn_fused", "path",
+                   "## Paths: split against single-program",
+                   "tritonbn forced onto each path (`--impls tritonbn_split,tritonbn_fused`); "
+                   "\"ran\" is the path the fused run took (split where its tile does not fit). "
+                   "Ratio = split ms / single-program ms: above 1 the single-program path is faster.",
+                   ("split ms", "single-program ms")) + _versus(
+        records, "tritonbn_kernel_combine", "tritonbn_split", "combine",
+        "## Combines: launches of their own against the last program",
+        "The split path with its combines in launches of their own (`--impls "
+        "tritonbn_kernel_combine`) and in the reduce launches' last programs "
+        "(`tritonbn_split`); \"ran\" is where the second run's combines ran. Ratio = "
+        "combine-launch ms / last-program ms: above 1 the last-program combine is faster.",
+        ("combine-launch ms", "last-program ms"))
+
+
+def _versus(records, a: str, b: str, ran: str, title: str, text: str, columns) -> list[str]:
+    """One table row per key where both impls a and b were timed: ms each, b's `ran`
+    field, and a's ms over b's."""
     rows = []
     for k, impls in by_key(records).items():
-        split, fused = impls.get("tritonbn_split"), impls.get("tritonbn_fused")
-        if split and fused:
-            ratio = speedup(fused, split)
-            rows.append((k[0], _shape(k[1]), k[2], k[3], k[4], k[5], f"{split['ms']:.4g}",
-                         f"{fused['ms']:.4g}", fused.get("path", "–"), _fmt(ratio)))
+        ra, rb = impls.get(a), impls.get(b)
+        if ra and rb:
+            rows.append((k[0], _shape(k[1]), k[2], k[3], k[4], k[5], f"{ra['ms']:.4g}",
+                         f"{rb['ms']:.4g}", rb.get(ran, "–"), _fmt(speedup(rb, ra))))
     if not rows:
         return []
-    return ["## Paths: split against single-program", "",
-            "tritonbn forced onto each path (`--impls tritonbn_split,tritonbn_fused`); "
-            "\"ran\" is the path the fused run took (split where its tile does not fit). "
-            "Ratio = split ms / single-program ms: above 1 the single-program path is faster.",
-            ""] + _table(("set", "shape", "layout", "dtype", "op", "pass", "split ms",
-                          "single-program ms", "ran", "ratio"), rows) + [""]
+    return [title, "", text, ""] + _table(("set", "shape", "layout", "dtype", "op", "pass",
+                                            *columns, "ran", "ratio"), rows) + [""]
 
 
 def _sections(records) -> dict:

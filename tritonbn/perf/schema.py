@@ -13,9 +13,12 @@ SCHEMA_VERSION = 1
 # tritonbn_heuristic: tritonbn with every launch on its heuristic config (no tuned
 # or shipped configs), to measure what tuning gains; tritonbn_split and
 # tritonbn_fused: tritonbn forced onto one path (the fused one where its tile fits;
-# each record's "path" says which ran), to set the dispatch threshold. --impls.
+# each record's "path" says which ran), to set the dispatch threshold;
+# tritonbn_kernel_combine: the split path with its combines in launches of their own
+# (each record's "combine" says where they ran), against the last-program combine.
+# --impls.
 IMPLS = ("tritonbn", "torch", "torch_compile", "tritonbn_heuristic", "tritonbn_split",
-         "tritonbn_fused")
+         "tritonbn_fused", "tritonbn_kernel_combine")
 DEFAULT_IMPLS = IMPLS[:3]
 BACKENDS = ("triton", "triton-interpreter", "cudnn", "native", "inductor")
 LAYOUTS = ("NCHW", "channels_last", "contiguous")
