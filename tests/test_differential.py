@@ -39,3 +39,26 @@ def test_half_module(layout, dtype):
     ours, ref, shape, fmt = module_pair(layout, dtype, "relu", param_dtype=dtype)
     check_steps(ours, ref, shape, fmt, dtype, steps=2)
     assert ours.weight.dtype == ours.running_var.dtype == dtype
+
+
+# relu6, hardswish, hardsigmoid, mish, elu, gelu_tanh (issue 16)
+MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]
+ALPHA = 0.7  # elu's: not the default, so a dropped alpha shows, and act' jumps at 0
+
+
+def widen(ours, ref):
+    """Weights in [1, 3.5] and biases in [-1, 1]: pre reaches relu6's 6 and both sides of
+    hardswish's and hardsigmoid's -3 and 3 on every channel, not only in the tails."""
+    with torch.no_grad():
+        ours.weight.uniform_(1.0, 3.5)
+        ours.bias.uniform_(-1.0, 1.0)
+    ref.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("act", MORE_ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_more_activations(layout, dtype, act):
+    ours, ref, shape, fmt = module_pair(layout, dtype, act, alpha=ALPHA)
+    widen(ours, ref)
+    check_steps(ours, ref, shape, fmt, dtype, steps=2)
