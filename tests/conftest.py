@@ -111,6 +111,16 @@ def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param
     return ours, ref, shape, fmt
 
 
+def widen(ours, ref):
+    """module_pair's modules with weights in [1, 3.5] and biases in [-1, 1]: pre reaches
+    relu6's 6 and both sides of hardswish's and hardsigmoid's -3 and 3 by the dozen
+    in a few steps of LAYOUTS' shapes, where [0.5, 1.5] rarely gets there."""
+    with torch.no_grad():
+        ours.weight.uniform_(1.0, 3.5)
+        ours.bias.uniform_(-1.0, 1.0)
+    ref.load_state_dict(ours.state_dict())
+
+
 def kernel_rounded(t, dtype):
     """t rounded to dtype as the kernels round to it, back in float64: to nearest, but
     bfloat16 under Triton's interpreter truncates (its fp32 -> bf16 cast drops the low

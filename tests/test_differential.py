@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import LAYOUTS, check_steps, module_pair
+from conftest import LAYOUTS, check_steps, module_pair, widen
 
 pytestmark = pytest.mark.usefixtures("path")  # both paths, every test
 
@@ -44,15 +44,6 @@ def test_half_module(layout, dtype):
 # relu6, hardswish, hardsigmoid, mish, elu, gelu_tanh (issue 16)
 MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]
 ALPHA = 0.7  # elu's: not the default, so a dropped alpha shows, and act' jumps at 0
-
-
-def widen(ours, ref):
-    """Weights in [1, 3.5] and biases in [-1, 1]: pre reaches relu6's 6 and both sides of
-    hardswish's and hardsigmoid's -3 and 3 on every channel, not only in the tails."""
-    with torch.no_grad():
-        ours.weight.uniform_(1.0, 3.5)
-        ours.bias.uniform_(-1.0, 1.0)
-    ref.load_state_dict(ours.state_dict())
 
 
 @pytest.mark.parametrize("act", MORE_ACTS)

@@ -151,3 +151,21 @@ def test_jumps_inf_nan_as_torch(act, dtype, residual):
     torch.testing.assert_close(y[~nan].cpu(), y_t[~nan], atol=atol, rtol=rtol, equal_nan=True)
     torch.testing.assert_close(grad[~nan].cpu(), p.grad[~nan], atol=atol, rtol=rtol,
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("act", MORE_ACTS)
+def test_gradcheck_float64_more_activations(act):
+    """gradcheck of x, weight, bias and a residual z through each activation of issue
+    16 (elu with alpha 0.7), training; weights in [1, 3] put pre past -3, 3 and 6."""
+    shape = (2, 2, 3, 2)
+    x = make_input(shape, torch.float64, requires_grad=True)
+    z = make_input(shape, torch.float64, torch.channels_last, mean=-1.0, std=1.0,
+                   requires_grad=True)
+    w = (torch.rand(2, dtype=torch.float64, device=DEVICE) * 2 + 1).requires_grad_()
+    b = torch.rand(2, dtype=torch.float64, device=DEVICE).sub_(0.5).requires_grad_()
+
+    def fn(x, w, b, z):
+        return TF.batch_norm(x, None, None, w, b, True, 0.1, activation=act, residual=z,
+                             alpha=ALPHA)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-5)
