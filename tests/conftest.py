@@ -89,7 +89,7 @@ def path(request):
 
 
 def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param_dtype=None,
-                negative_slope=0.01):
+                negative_slope=0.01, alpha=1.0):
     """(tritonbn module, torch.nn float64 module with the same state, shape, memory format)."""
     import tritonbn
     from torch import nn
@@ -99,8 +99,8 @@ def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param
     if param_dtype is None:  # half inputs with fp32 parameters/stats, as under autocast
         param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ours = getattr(tritonbn, cls)(C, momentum=momentum, affine=affine, track_running_stats=track,
-                                  activation=act, negative_slope=negative_slope, device=DEVICE,
-                                  dtype=param_dtype)
+                                  activation=act, negative_slope=negative_slope, alpha=alpha,
+                                  device=DEVICE, dtype=param_dtype)
     ref = getattr(nn, cls)(C, momentum=momentum, affine=affine, track_running_stats=track,
                            dtype=torch.float64, device=DEVICE)
     if affine:
@@ -111,19 +111,59 @@ def module_pair(layout, dtype, act, affine=True, track=True, momentum=0.1, param
     return ours, ref, shape, fmt
 
 
+def widen(ours, ref):
+    """module_pair's modules with weights in [1, 3.5] and biases in [-1, 1]: pre reaches
+    relu6's 6 and both sides of hardswish's and hardsigmoid's -3 and 3 by the dozen
+    in a few steps of LAYOUTS' shapes, where [0.5, 1.5] rarely gets there."""
+    with torch.no_grad():
+        ours.weight.uniform_(1.0, 3.5)
+        ours.bias.uniform_(-1.0, 1.0)
+    ref.load_state_dict(ours.state_dict())
+
+
+def kernel_rounded(t, dtype):
+    """t rounded to dtype as the kernels round to it, back in float64: to nearest, but
+    bfloat16 under Triton's interpreter truncates (its fp32 -> bf16 cast drops the low
+    16 bits, where a GPU rounds to nearest), for y and for the value act' tests alike."""
+    t = t.detach()
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).double()
+    return t.to(dtype).double()
+
+
 def kink_graph(pre64, y_ref, y, activation, slope=0.01):
-    """What the float64 reference backpropagates: y_ref, except for relu and
-    leaky_relu, whose derivative takes the side of the kink that our own y (in its
-    dtype) took, as torch's relu backward reads its output. Where |pre| is within
-    rounding of 0 either side is right, and a GPU batch has elements there: one on
-    the other side moves its dx by |dy| w/sigma and its channel's sums by |dy|
-    (issue 13: the first GPU lease). A y on the wrong side by more than rounding
-    still fails the comparison of y itself."""
-    if activation not in ("relu", "leaky_relu") or (activation == "leaky_relu" and slope < 0):
-        return y_ref
-    other = 0.0 if activation == "relu" else slope
-    side = torch.where(y.detach().to(pre64.device).double() > 0, 1.0, other)
-    return pre64 * side
+    """What the float64 reference backpropagates: y_ref, except where act' jumps (relu,
+    leaky_relu and elu at 0, relu6 at 0 and 6, hardswish and hardsigmoid at -3 and 3):
+    there the derivative takes the side of the jump that our own y (in its dtype)
+    took, as torch's relu backward reads its output. Where pre is within rounding of
+    the jump either side is right, and a GPU batch has elements there: one on the
+    other side moves its dx by |dy| w/sigma and its channel's sums by |dy| (issue 13:
+    the first GPU lease). A y on the wrong side by more than rounding still fails the
+    comparison of y itself.
+
+    y shows the side exactly for relu, relu6 (0 or 6 outside), and leaky_relu and elu
+    with a positive slope or alpha (y > 0 right of 0). hardswish's and hardsigmoid's
+    y is continuous where act' jumps: there the side is torch's test on pre64 rounded
+    to y's dtype as the kernels round (kernel_rounded), which differs from the
+    kernels' own only where pre64 is within a few fp32 roundings (~1e-6) of where
+    that rounding changes sides."""
+    if activation in ("relu", "leaky_relu", "relu6"):
+        if activation == "leaky_relu" and slope < 0:
+            return y_ref
+        yd = y.detach().to(pre64.device).double()
+        other = slope if activation == "leaky_relu" else 0.0
+        inside = (yd > 0) & (yd < 6) if activation == "relu6" else yd > 0
+        return pre64 * torch.where(inside, 1.0, other)
+    p = kernel_rounded(pre64, y.dtype)  # what torch's backward (and ours) tests
+    if activation == "elu":
+        right = y.detach().to(pre64.device).double() > 0 if slope > 0 else p > 0
+        return torch.where(right, pre64, (pre64.exp() - 1) * slope)
+    if activation == "hardswish":
+        return torch.where(p <= -3, pre64 * 0, torch.where(p < 3, pre64 * (pre64 + 3) / 6,
+                                                            pre64))
+    if activation == "hardsigmoid":
+        return torch.where((p > -3) & (p < 3), (pre64 + 3) / 6, pre64 * 0)
+    return y_ref
 
 
 def check_steps(ours, ref, shape, fmt, dtype, steps=3, *, residual=False, z_format=None):
@@ -149,8 +189,8 @@ def check_steps(ours, ref, shape, fmt, dtype, steps=3, *, residual=False, z_form
             dy = make_input(shape, dtype, fmt, mean=0.3, std=1.0)
             y.backward(dy)
         pre64 = ref(x64) + z64 if residual else ref(x64)
-        y_ref = reference.activate(pre64, ours.activation, ours.negative_slope)
-        kink_graph(pre64, y_ref, y, ours.activation, ours.negative_slope).backward(dy.double())
+        y_ref = reference.activate(pre64, ours.activation, ours._slope())
+        kink_graph(pre64, y_ref, y, ours.activation, ours._slope()).backward(dy.double())
         assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
         assert_close(y, y_ref, dtype, scale)
         assert_close(x.grad, x64.grad, dtype, scale)

@@ -33,12 +33,38 @@ def test_subclass_state_dict_and_repr(name):
     assert "activation=None" in repr(getattr(tritonbn, name)(4))
 
 
-@pytest.mark.parametrize("act", ["tanh", "ReLU", "gelu_tanh", 1, ["relu"]])
+@pytest.mark.parametrize("act", ["tanh", "ReLU", "ReLU6", "hardtanh", "gelu_erf", 1, ["relu"]])
 def test_bad_activation(act):
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.raises(ValueError, match="activation") as e:
         tritonbn.BatchNorm2d(3, activation=act)
+    for name in ("'relu'", "'leaky_relu'", "'silu'", "'gelu'", "'gelu_tanh'", "'relu6'",
+                 "'hardswish'", "'hardsigmoid'", "'mish'", "'elu'", "None"):
+        assert name in str(e.value)             # the message lists every choice
     with pytest.raises(ValueError, match="activation"):
         TF.batch_norm(make_input((2, 3)), None, None, training=True, activation=act)
+
+
+def test_elu_alpha():
+    """elu's alpha: a module and functional argument, validated as negative_slope is,
+    in the repr, and what the kernels compute with (not the default, nor
+    negative_slope); negative_slope stays leaky_relu's."""
+    with pytest.raises(TypeError, match="alpha"):
+        tritonbn.BatchNorm2d(3, activation="elu", alpha="1")
+    with pytest.raises(TypeError, match="alpha"):
+        TF.batch_norm(make_input((2, 3)), None, None, training=True, activation="elu",
+                      alpha=True)
+    m = tritonbn.BatchNorm2d(3, activation="elu", alpha=0.4, negative_slope=0.3, device=DEVICE)
+    assert "activation='elu', alpha=0.4" in repr(m) and "negative_slope" not in repr(m)
+    assert "alpha" not in repr(tritonbn.BatchNorm2d(3, activation="leaky_relu", alpha=0.4))
+    x = make_input((2, 3, 4, 4))
+    ref = nn.functional.batch_norm(x.double(), None, None, training=True)
+    assert_close(m(x), nn.functional.elu(ref, 0.4), torch.float32, 4)
+    y = TF.batch_norm(x, None, None, training=True, activation="elu", alpha=0.4,
+                      negative_slope=0.3)
+    assert_close(y, nn.functional.elu(ref, 0.4), torch.float32, 4)
+    y = TF.batch_norm(x, None, None, training=True, activation="leaky_relu", alpha=0.4,
+                      negative_slope=0.3)
+    assert_close(y, nn.functional.leaky_relu(ref, 0.3), torch.float32, 4)
 
 
 @pytest.mark.parametrize("name,ndim,msg", [

@@ -44,6 +44,11 @@ CASES = {
                                 training=False, affine=False),
     "eval-res-leaky": dict(shape=(2, 4, 3, 2, 2), fmt=torch.channels_last_3d,
                            act="leaky_relu", training=False, residual=True),
+    # issue 16: relu6's mask, and elu's alpha (0.2) riding in the ops' negative_slope
+    "train-res-relu6": dict(shape=(3, 4, 5, 2), fmt=torch.channels_last, residual=True,
+                            act="relu6"),
+    "eval-res-elu": dict(shape=(3, 4, 6), fmt=torch.contiguous_format, act="elu",
+                         training=False, residual=True),
 }
 
 
@@ -64,7 +69,7 @@ def test_opcheck_backward(case):
         _, mask = torch.ops.tritonbn.batch_norm(x, mean, s, w, b, z, training, eps, act, slope)
     dy = make_input(tuple(x.shape), mean=0.3).detach()
     needs = [True, w is not None, b is not None, z is not None]  # no activation: dz = dy, cloned
-    reload = act in ("silu", "gelu") and z is not None
+    reload = act not in (None, "relu", "leaky_relu", "relu6") and z is not None
     detach = lambda t: t.detach() if t is not None else None  # noqa: E731 (no double backward)
     bargs = (dy, x.detach(), detach(w), detach(b), z.detach() if reload else None, mean, s, mask,
              training, eps, act, slope, needs)
@@ -107,6 +112,7 @@ def _steps(model, xs, train_steps):
     ("gelu", 0.1, torch.contiguous_format),
     ("leaky_relu", None, torch.contiguous_format),
     (None, 0.1, torch.channels_last),
+    ("hardswish", 0.1, torch.channels_last),
 ])
 def test_fullgraph_aot_eager_equals_eager(act, momentum, fmt):
     torch._dynamo.reset()

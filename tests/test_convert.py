@@ -272,7 +272,7 @@ RESIDUALS = {
     "other.add": lambda bn, x, other: other.add(bn(x)),
 }
 
-# name: (act module, fn(self, y), activation, negative_slope)
+# name: (act module, fn(self, y), activation, its scalar: negative_slope, elu's alpha)
 FORMS = {
     "nn.ReLU": (nn.ReLU(inplace=True), lambda s, y: s.act(y), "relu", 0.01),
     "nn.LeakyReLU": (nn.LeakyReLU(0.2), lambda s, y: s.act(y), "leaky_relu", 0.2),
@@ -291,12 +291,34 @@ FORMS = {
     "F.silu": (None, lambda s, y: F.silu(y), "silu", 0.01),
     "F.gelu": (None, lambda s, y: F.gelu(y), "gelu", 0.01),
     "F.gelu_none": (None, lambda s, y: F.gelu(y, approximate="none"), "gelu", 0.01),
+    # issue 16; elu's alpha is not the default, so a dropped alpha shows
+    "nn.ReLU6": (nn.ReLU6(inplace=True), lambda s, y: s.act(y), "relu6", 0.01),
+    "nn.Hardtanh(0,6)": (nn.Hardtanh(0.0, 6.0), lambda s, y: s.act(y), "relu6", 0.01),
+    "nn.Hardswish": (nn.Hardswish(inplace=True), lambda s, y: s.act(y), "hardswish", 0.01),
+    "nn.Hardsigmoid": (nn.Hardsigmoid(), lambda s, y: s.act(y), "hardsigmoid", 0.01),
+    "nn.Mish": (nn.Mish(inplace=True), lambda s, y: s.act(y), "mish", 0.01),
+    "nn.ELU": (nn.ELU(alpha=0.5, inplace=True), lambda s, y: s.act(y), "elu", 0.5),
+    "nn.GELU(tanh)": (nn.GELU(approximate="tanh"), lambda s, y: s.act(y), "gelu_tanh", 0.01),
+    "F.relu6": (None, lambda s, y: F.relu6(y), "relu6", 0.01),
+    "F.relu6_inplace": (None, lambda s, y: F.relu6(y, inplace=True), "relu6", 0.01),
+    "F.hardtanh(0,6)": (None, lambda s, y: F.hardtanh(y, 0, 6.0), "relu6", 0.01),
+    "F.hardtanh_": (None, lambda s, y: F.hardtanh_(y, min_val=0.0, max_val=6.0), "relu6", 0.01),
+    "F.hardswish": (None, lambda s, y: F.hardswish(y, inplace=True), "hardswish", 0.01),
+    "F.hardsigmoid": (None, lambda s, y: F.hardsigmoid(y), "hardsigmoid", 0.01),
+    "F.mish": (None, lambda s, y: F.mish(y), "mish", 0.01),
+    "F.elu": (None, lambda s, y: F.elu(y, 0.5), "elu", 0.5),
+    "F.elu_kw": (None, lambda s, y: F.elu(y, alpha=1.5, inplace=True), "elu", 1.5),
+    "F.elu_default": (None, lambda s, y: F.elu(y), "elu", 1.0),
+    "F.elu_": (None, lambda s, y: F.elu_(y, 0.5), "elu", 0.5),
+    "F.gelu_tanh": (None, lambda s, y: F.gelu(y, approximate="tanh"), "gelu_tanh", 0.01),
 }
 
 CASES = ([(form, None) for form in FORMS]
          + [("nn.ReLU", res) for res in RESIDUALS if res is not None]
          + [(form, "other+bn") for form in ("F.leaky_relu", "nn.SiLU", "F.gelu")]
-         + [("y.relu()", "+=")])
+         + [("y.relu()", "+=")]
+         + [("nn.ReLU6", "+="), ("F.elu", "other+bn"), ("nn.Hardswish", "bn+other"),
+            ("F.gelu_tanh", "torch.add")])
 
 
 @pytest.mark.parametrize("form,residual", CASES)
@@ -309,7 +331,8 @@ def test_pattern_fused_and_equal(form, residual):
                                                "output"]
     (call,) = [n for n in out.graph.nodes if n.op == "call_module"]
     assert len(call.args) == (1 if residual is None else 2)
-    assert out.bn.activation == activation and out.bn.negative_slope == pytest.approx(slope)
+    assert out.bn.activation == activation
+    assert (out.bn.alpha if activation == "elu" else out.bn.negative_slope) == pytest.approx(slope)
     check_both_modes(ref, out)
 
 
@@ -358,13 +381,15 @@ class CalledTwice(_OneBN2d):
         return F.relu(self.bn(self.bn(x) + other))
 
 
-class TanhGelu(_OneBN2d):
+class NotRelu6(_OneBN2d):
+    """hardtanh with other bounds than relu6's (0, 6)."""
+
     def __init__(self):
         super().__init__()
-        self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.GELU(approximate="tanh"))
+        self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.Hardtanh(-1.0, 6.0))
 
     def forward(self, x, other):
-        return F.gelu(self.bn(x), approximate="tanh") + self.seq(other)
+        return F.hardtanh(self.bn(x), 0.0, 5.0) + self.seq(other)
 
 
 class WritesBetween(_OneBN2d):
@@ -396,7 +421,7 @@ class Hooked(_OneBN2d):
         return F.silu(self.bn(x))
 
 
-@pytest.mark.parametrize("cls", [UsedTwice, SelfAdd, CalledTwice, TanhGelu, WritesBetween, AddIntoOther,
+@pytest.mark.parametrize("cls", [UsedTwice, SelfAdd, CalledTwice, NotRelu6, WritesBetween, AddIntoOther,
                                  Hooked])
 def test_not_fused_when_unsafe(cls):
     torch.manual_seed(0)
@@ -479,7 +504,7 @@ def test_replacement_rules():
         nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=None, affine=False), nn.LeakyReLU(0.3),
         nn.Unflatten(1, (3, 1, 1, 1)), nn.BatchNorm3d(3, eps=1e-3, track_running_stats=False),
         nn.GELU(), nn.Flatten(2), nn.BatchNorm1d(3), nn.Flatten(),
-        nn.Unflatten(1, (3, 1, 1)), MyBN(3), nn.GELU(approximate="tanh"), OwnForward(3),
+        nn.Unflatten(1, (3, 1, 1)), MyBN(3), nn.Hardtanh(0.0, 5.0), OwnForward(3),
         nn.ReLU(), sync, lazy, already, nn.ReLU(),
     ).eval()
     old = list(model)
@@ -498,7 +523,7 @@ def test_replacement_rules():
     assert out[4].eps == 1e-3 and out[4].running_mean is None and not out[4].track_running_stats
     assert type(out[7]) is tritonbn.BatchNorm1d and out[7].activation is None
     assert type(out[10]) is tritonbn.BatchNorm2d and out[10].activation is None
-    assert out[10].weight is old[10].weight and type(out[11]) is nn.GELU
+    assert out[10].weight is old[10].weight and type(out[11]) is nn.Hardtanh
     assert out[12] is old[12] and type(out[13]) is nn.ReLU        # own forward: kept
     assert type(out[14]) is tritonbn.SyncBatchNorm and out[14].weight is sync.weight
     assert out[14].process_group is sync.process_group and out[14].activation is None
@@ -599,6 +624,54 @@ def test_sequential_sees_through_noop_modules():
     check_same(ref, out, make_input((2, 3, 3, 2), memory_format=CL))
 
 
+# the activation modules of issue 16, each after a BatchNorm in an nn.Sequential:
+# name -> (module, activation, its scalar (elu's alpha) or None)
+MORE_MODULES = {
+    "ReLU6": (nn.ReLU6(inplace=True), "relu6", None),
+    "Hardtanh(0,6)": (nn.Hardtanh(0, 6), "relu6", None),
+    "Hardswish": (nn.Hardswish(inplace=True), "hardswish", None),
+    "Hardsigmoid": (nn.Hardsigmoid(inplace=True), "hardsigmoid", None),
+    "Mish": (nn.Mish(), "mish", None),
+    "ELU(0.5)": (nn.ELU(0.5, inplace=True), "elu", 0.5),
+    "GELU(tanh)": (nn.GELU(approximate="tanh"), "gelu_tanh", None),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODULES))
+def test_each_activation_module_fuses_and_trains_alike(name):
+    """conv -> bn -> act -> conv: bn takes the activation (the report says so), act's
+    slot becomes nn.Identity, and two SGD steps (outputs, every parameter's grad, the
+    parameters and running stats after each step) then eval match the torch model."""
+    act, activation, alpha = MORE_MODULES[name]
+    ref = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), copy.deepcopy(act),
+                        nn.Conv2d(3, 2, 1)).to(DEVICE).to(memory_format=CL)
+    with torch.no_grad():                  # pre reaches relu6's 6, hardswish's +-3
+        ref[1].weight.uniform_(1.0, 3.5)
+        ref[1].bias.uniform_(-1.0, 1.0)
+    out, rows = tritonbn.convert(copy.deepcopy(ref), report=True)
+    assert type(out[1]) is tritonbn.BatchNorm2d and out[1].activation == activation
+    assert isinstance(out[2], nn.Identity) and out[1].alpha == (alpha or 1.0)
+    assert [(r.name, r.activation, r.note) for r in rows] == [("1", activation, "")]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, out)]
+    for _ in range(2):
+        x = make_input((2, 3, 3, 2), memory_format=CL)
+        ys = [m(x) for m in (ref, out)]
+        torch.testing.assert_close(ys[1], ys[0], **TOLS)
+        g = torch.randn_like(ys[0])
+        for y, opt in zip(ys, opts):
+            opt.zero_grad()
+            y.backward(g)
+            opt.step()
+        for (k, p), q in zip(ref.named_parameters(), out.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, **TOLS, msg=k)
+        for (k, a), b in zip(ref.state_dict().items(), out.state_dict().values()):
+            torch.testing.assert_close(b, a, **TOLS, msg=k)
+    ref.eval()
+    out.eval()
+    x = make_input((2, 3, 3, 2), memory_format=CL)
+    torch.testing.assert_close(out(x), ref(x), **TOLS)
+
+
 # --------------------------------------------------------------------------------------
 # timm's BatchNormAct2d (issue 16), by a stand-in: timm is not a dependency
 
@@ -641,13 +714,16 @@ class TimmBlock(nn.Module):
 
 
 @pytest.mark.parametrize("act,activation", [(nn.ReLU(inplace=True), "relu"),
-                                            (nn.SiLU(), "silu"), (nn.LeakyReLU(0.2), "leaky_relu")])
+                                            (nn.SiLU(), "silu"), (nn.LeakyReLU(0.2), "leaky_relu"),
+                                            (nn.ReLU6(), "relu6"), (nn.ELU(0.5), "elu"),
+                                            (nn.GELU(approximate="tanh"), "gelu_tanh")])
 def test_timm_batchnorm_act_converts_with_its_activation(act, activation):
     ref = TimmBlock(act, drop1=nn.Dropout(0.0)).to(DEVICE)
     keys = list(ref.state_dict())
     params = [id(p) for p in ref.parameters()]
     out = tritonbn.convert(ref)                    # in place: the same Parameters
     assert type(out.bn1) is tritonbn.BatchNorm2d and out.bn1.activation == activation
+    assert out.bn1._slope() == getattr(act, "alpha", getattr(act, "negative_slope", 0.01))
     assert type(out.bn2) is tritonbn.BatchNorm2d and out.bn2.activation == "relu"  # + the add
     (bn2,) = [n for n in out.graph.nodes if n.target == "bn2"]
     assert len(bn2.args) == 2
@@ -657,7 +733,7 @@ def test_timm_batchnorm_act_converts_with_its_activation(act, activation):
     check_both_modes(ref, tritonbn.convert(copy.deepcopy(ref)))
 
 
-@pytest.mark.parametrize("act,drop", [(nn.Hardswish(), None), (nn.ReLU(), nn.Dropout(0.1))],
+@pytest.mark.parametrize("act,drop", [(nn.Hardtanh(), None), (nn.ReLU(), nn.Dropout(0.1))],
                          ids=["unsupported_act", "dropout"])
 def test_timm_batchnorm_act_that_computes_more_stays(act, drop):
     ref = TimmBlock(act, drop1=drop).to(DEVICE)
@@ -702,7 +778,7 @@ def test_report_says_what_each_batchnorm_became():
 
     model = nn.Sequential()
     model.add_module("block", BasicBlock(3, 3))
-    model.add_module("timm", TimmBlock(nn.Hardswish()))
+    model.add_module("timm", TimmBlock(nn.Hardtanh()))
     model.add_module("tail", TrainingDependent())
     with pytest.warns(UserWarning, match="could not trace 'tail'"):
         out, rows = tritonbn.convert(copy.deepcopy(model), report=True)

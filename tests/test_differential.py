@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import LAYOUTS, check_steps, module_pair
+from conftest import LAYOUTS, check_steps, module_pair, widen
 
 pytestmark = pytest.mark.usefixtures("path")  # both paths, every test
 
@@ -39,3 +39,17 @@ def test_half_module(layout, dtype):
     ours, ref, shape, fmt = module_pair(layout, dtype, "relu", param_dtype=dtype)
     check_steps(ours, ref, shape, fmt, dtype, steps=2)
     assert ours.weight.dtype == ours.running_var.dtype == dtype
+
+
+# relu6, hardswish, hardsigmoid, mish, elu, gelu_tanh (issue 16)
+MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]
+ALPHA = 0.7  # elu's: not the default, so a dropped alpha shows, and act' jumps at 0
+
+
+@pytest.mark.parametrize("act", MORE_ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_more_activations(layout, dtype, act):
+    ours, ref, shape, fmt = module_pair(layout, dtype, act, alpha=ALPHA)
+    widen(ours, ref)
+    check_steps(ours, ref, shape, fmt, dtype, steps=2)

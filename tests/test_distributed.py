@@ -75,7 +75,7 @@ def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=Non
     C = 5
     cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(spatial)]
     ours = tritonbn.SyncBatchNorm(C, momentum=momentum, process_group=group, activation=act,
-                                  negative_slope=0.2, device=DEVICE)
+                                  negative_slope=0.2, alpha=0.2, device=DEVICE)
     ref = cls(C, momentum=momentum, dtype=torch.float64, device=DEVICE)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -133,6 +133,7 @@ def _two(rank, world):
     check_sync(rank, [2, 3], fmt=torch.channels_last, act="relu", residual=True)
     check_sync(rank, [1, 4], spatial=(), act="silu", momentum=None)  # (N, C): 1 value here
     check_sync(rank, [2, 2], spatial=(3, 2, 2), act="gelu", residual=True, steps=1)
+    check_sync(rank, [2, 3], spatial=(3,), act="elu", residual=True, steps=1)  # alpha 0.2
     # a group of one process each: plain BatchNorm over this process's batch, no collective
     singles = [dist.new_group([r]) for r in range(world)]
     check_sync(rank, [3, 2], group=singles[rank], ranks=[rank], act="leaky_relu")
@@ -279,17 +280,19 @@ def test_cpu_without_interpreter_cannot_sync(monkeypatch):
 def test_convert_sync_batchnorm_keeps_state():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
                           tritonbn.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.3),
-                          nn.SyncBatchNorm(4)).eval()
+                          nn.SyncBatchNorm(4), tritonbn.BatchNorm2d(4, activation="elu", alpha=0.4)
+                          ).eval()
     old = list(model)
     keys = list(model.state_dict())
     pg = object()
     out = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=pg)
     assert out is model and list(out.state_dict()) == keys
-    for i in (1, 2, 3):
+    for i in (1, 2, 3, 4):
         assert type(out[i]) is tritonbn.SyncBatchNorm and out[i].process_group is pg
         assert out[i].weight is old[i].weight and out[i].running_var is old[i].running_var
         assert not out[i].training
     assert out[2].activation == "leaky_relu" and out[2].negative_slope == 0.3
+    assert out[4].activation == "elu" and out[4].alpha == 0.4
     assert out[1].activation is None
     bn = tritonbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))
     assert type(bn) is tritonbn.SyncBatchNorm

@@ -15,8 +15,8 @@ from tritonbn.testing import poisoned_allocations
 
 
 def _frozen(C, activation=None, dtype=torch.float32):
-    m = tritonbn.FrozenBatchNorm2d(C, activation=activation, negative_slope=0.2, device=DEVICE,
-                                   dtype=dtype)
+    m = tritonbn.FrozenBatchNorm2d(C, activation=activation, negative_slope=0.2, alpha=0.6,
+                                   device=DEVICE, dtype=dtype)
     with torch.no_grad():
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.5, 0.5)
@@ -30,13 +30,14 @@ def _formula(m, x64, z64=None):
     shape = (1, -1, 1, 1)
     scale = (m.weight.double() / (m.running_var.double() + m.eps).sqrt()).view(shape)
     pre = (x64 - m.running_mean.double().view(shape)) * scale + m.bias.double().view(shape)
-    return reference.activate(pre + z64 if z64 is not None else pre, m.activation, m.negative_slope)
+    return reference.activate(pre + z64 if z64 is not None else pre, m.activation, m._slope())
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("activation,residual", [(None, False), ("relu", True), ("silu", False),
-                                                 ("leaky_relu", True)])
+                                                 ("leaky_relu", True), ("relu6", True),
+                                                 ("elu", True), ("gelu_tanh", False)])
 def test_frozen_equals_its_formula(fmt, dtype, activation, residual):
     m = _frozen(5, activation)
     x = make_input((3, 5, 4, 3), dtype, fmt, requires_grad=True)
@@ -131,3 +132,31 @@ def test_convert_fuses_frozen_batchnorms():
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
+
+
+class FrozenElu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2 = FrozenBatchNorm2d(3), FrozenBatchNorm2d(3)
+        self.seq = nn.Sequential(FrozenBatchNorm2d(3), nn.ELU(0.3, inplace=True))
+        for m in (self.bn1, self.bn2, self.seq[0]):
+            m.running_mean.uniform_(-1.0, 1.0)
+
+    def forward(self, x):
+        return F.elu(self.bn1(x), alpha=0.5) + F.hardswish(self.bn2(x)) + self.seq(x)
+
+
+def test_convert_frozen_keeps_elu_alpha():
+    ref = FrozenElu().to(DEVICE)
+    out = tritonbn.convert(copy.deepcopy(ref))
+    acts = {n: (m.activation, m.alpha) for n, m in out.named_modules()
+            if isinstance(m, tritonbn.FrozenBatchNorm2d)}
+    assert acts == {"bn1": ("elu", 0.5), "bn2": ("hardswish", 1.0), "seq.0": ("elu", 0.3)}
+    assert "alpha=0.5" in repr(out.bn1)
+    x = make_input((2, 3, 3, 2), mean=0.0)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(a), out(b)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    ya.backward(torch.ones_like(ya))
+    yb.backward(torch.ones_like(yb))
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)

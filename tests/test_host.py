@@ -136,6 +136,36 @@ def test_the_path_is_part_of_the_plan(monkeypatch):
         assert [n for n, spy in spies.items() if spy.seen] == [kernel], path
 
 
+@pytest.mark.parametrize("path", ["split", "fused"])
+def test_a_changed_alpha_or_slope_never_reuses_a_plan(monkeypatch, path):
+    """elu's alpha and leaky_relu's negative_slope changed on one module between calls
+    (the kernels' one scalar): a plan per value, each computing with its own, against
+    torch; a value seen before reuses its plans."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(ops, "_plans", {})
+    x = make_input((3, 4, 5, 2), requires_grad=True)
+    dy = make_input((3, 4, 5, 2), mean=0.3)
+    for act, attr, fn in (("elu", "alpha", F.elu), ("leaky_relu", "negative_slope",
+                                                     F.leaky_relu)):
+        bn = tritonbn.BatchNorm2d(4, activation=act, device=DEVICE)
+        plans = set()
+        for value in (0.5, 1.5, 0.5, 0.25):
+            setattr(bn, attr, value)
+            x.grad = None
+            with ops.launch_overrides(path=path):
+                y = bn(x)
+                y.backward(dy)
+            x64 = x.detach().double().requires_grad_()
+            y64 = fn(torch.nn.functional.batch_norm(x64, None, None, training=True), value)
+            y64.backward(dy.double())
+            torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+            plans |= {k for k, p in ops._plans.items()
+                      if isinstance(p, (ops._FwdPlan, ops._BwdPlan)) and act in k}
+        assert len(plans) == 2 * 3, plans  # forward and backward, per distinct value
+
+
 def _changed_signature(monkeypatch, tmp_path):
     spies = {name: _Launches(getattr(ops.K, name)) for name in ("stats_partial_kernel",
                                                                  "normalize_kernel",

@@ -2,6 +2,7 @@
 and no PyTorch fallback under the interpreter."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -130,8 +131,12 @@ def test_other_strides(make):
     assert_close(m.running_var, r.running_var, torch.float32)
 
 
+MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]  # issue 16
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on the CPU")
-def test_interpreter_runs_the_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("act", ["relu", *MORE_ACTS])
+def test_interpreter_runs_the_triton_kernels(monkeypatch, act):
     """Under TRITON_INTERPRET=1 the kernels run: the PyTorch path is never taken."""
     assert ops.interpreting() and ops.uses_triton(torch.empty(1))
 
@@ -139,13 +144,14 @@ def test_interpreter_runs_the_triton_kernels(monkeypatch):
         raise AssertionError("PyTorch fallback used under the interpreter")
 
     monkeypatch.setattr(reference, "batch_norm", forbidden)
+    monkeypatch.setattr(reference, "activate", forbidden)
     launched = []
     names = ("stats_partial_kernel", "normalize_kernel", "bwd_dx_kernel", "fused_forward_kernel",
              "fused_backward_kernel")
     for name in names:
         kernel = getattr(ops.K, name)
         monkeypatch.setattr(ops.K, name, _Recorder(kernel, name, launched))
-    m = tritonbn.BatchNorm2d(3, activation="relu")
+    m = tritonbn.BatchNorm2d(3, activation=act)
     x = make_input((2, 3, 4, 4), requires_grad=True)
     m(x).sum().backward()  # a small shape: the single-program path
     assert launched == ["fused_forward_kernel", "fused_backward_kernel"]
@@ -180,8 +186,31 @@ def test_cpu_without_interpreter_uses_torch(monkeypatch):
     assert called == [1, 1, 1]
 
 
+@pytest.mark.parametrize("act", MORE_ACTS)
+def test_cpu_without_interpreter_more_activations(monkeypatch, act):
+    """The plain-PyTorch path maps each name to torch's function (elu with its alpha,
+    gelu_tanh with approximate="tanh"), grads and a residual included."""
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    fn = {"relu6": F.relu6, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+          "mish": F.mish, "elu": lambda t: F.elu(t, 0.4),
+          "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act]
+    ours = tritonbn.BatchNorm2d(3, activation=act, alpha=0.4)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(1.0, 3.5)
+    ref.load_state_dict(ours.state_dict())
+    x, z = torch.randn(2, 3, 4, 4) + 1, torch.randn(2, 3, 4, 4)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ours(xa, z), fn(ref(xb) + z)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(z)
+    y_ref.backward(z)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 @pytest.mark.parametrize("block_c", [None, 2])
-@pytest.mark.parametrize("act,residual", [("relu", True), ("gelu", True), ("silu", False)])
+@pytest.mark.parametrize("act,residual", [("relu", True), ("gelu", True), ("silu", False),
+                                          ("relu6", True)])
 @pytest.mark.parametrize("shape,fmt", [((2, 5, 7, 7), torch.contiguous_format),  # H·W = 49
                                        ((3, 5, 1, 1), torch.channels_last),  # 3 rows of 8
                                        ((11, 5), torch.contiguous_format),

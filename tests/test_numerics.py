@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 import tritonbn
 import tritonbn.functional as TF
-from conftest import DEVICE, LAYOUTS, assert_close, make_input
-from tritonbn import ops
+from conftest import DEVICE, LAYOUTS, TOL, assert_close, kernel_rounded, make_input
+from tritonbn import ops, reference
 from tritonbn.heuristics import Config
 
 
@@ -101,3 +101,71 @@ def test_numel_over_2_pow_31_gpu():
     tail = y[-1, 1, -8:].float()
     expect = (x[-1, 1, -8:].float() - mean[1]) / x[:, 1].float().std(unbiased=False)
     torch.testing.assert_close(tail, expect, atol=2e-2, rtol=2e-2)
+
+
+# relu6, hardswish, hardsigmoid, mish, elu, gelu_tanh (issue 16)
+MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]
+ALPHA = 0.7
+# dy' at a NaN pre, as torch's backward formulas have it (aten's decompositions, its
+# CUDA kernels): a test that is false for NaN takes the other branch
+NAN_GRAD = {"relu6": "dy", "hardswish": "dy", "hardsigmoid": 0.0, "elu": "dy",
+            "mish": "nan", "gelu_tanh": "nan"}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf * 0, as torch's
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("residual", [False, True], ids=["pre=x+b", "pre=b+z"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", MORE_ACTS)
+def test_jumps_inf_nan_as_torch(act, dtype, residual):
+    """pre at, and one ulp either side of, the points where act' jumps (relu6's 0 and
+    6 strictly outside, hardswish 0 up to -3 and 1 from 3, hardsigmoid 1/6 strictly
+    inside (-3, 3), elu alpha e^x up to 0), at +-inf and NaN, each moved by 0, +-1/4
+    and +-3/4 ulp (the bias of 5 channels): y and dy' as torch's own activation has
+    them on pre rounded to the dtype (by kernel_rounded, as the kernels round), the
+    value torch's backward tests. Eval with eps = 0, mean 0, var 1 and weight 1
+    makes pre = x + bias exactly in fp32, and dx = dy' (recomputed from x); with x
+    = 0, pre = bias + z and dz = dy' (relu6: from the bit mask)."""
+    s = 2 * torch.finfo(dtype).eps  # the spacing of [2, 4); [4, 8) has 2 s
+    points = [-3 - s, -3, -3 + s, -1e-3, 0, 1e-3, 3 - s, 3, 3 + s, 6 - 2 * s, 6, 6 + 2 * s,
+              -25, 25, -1.3, 0.7, 2.2, 4.5, -float("inf"), float("inf"), float("nan")]
+    shifts = torch.tensor([0, 0.25, -0.25, 0.75, -0.75], dtype=torch.float64) * s
+    v = torch.tensor(points, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, 5)
+    dy = make_input(tuple(v.shape), dtype, mean=1.0, std=0.1)
+    x = (torch.zeros_like(v) if residual else v.clone()).to(DEVICE).requires_grad_()
+    z = v.clone().to(DEVICE).requires_grad_() if residual else None
+    ones, zeros = torch.ones(5, device=DEVICE), torch.zeros(5, device=DEVICE)
+    y = TF.batch_norm(x, zeros, ones, ones, shifts.float().to(DEVICE), False, 0.1, 0.0,
+                      activation=act, residual=z, alpha=ALPHA)
+    y.backward(dy)
+    grad = z.grad if residual else x.grad
+    p = kernel_rounded(v.double() + shifts, dtype).to(dtype).requires_grad_()
+    y_t = reference.activate(p, act, ALPHA)          # torch's, on the dtype's values
+    y_t.backward(dy.cpu())
+    nan = torch.isnan(v)
+    assert torch.isnan(y[nan]).all()
+    want = {"dy": dy[nan], 0.0: torch.zeros_like(dy[nan]),
+            "nan": torch.full_like(dy[nan], float("nan"))}[NAN_GRAD[act]]
+    torch.testing.assert_close(grad[nan], want, equal_nan=True)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y[~nan].cpu(), y_t[~nan], atol=atol, rtol=rtol, equal_nan=True)
+    torch.testing.assert_close(grad[~nan].cpu(), p.grad[~nan], atol=atol, rtol=rtol,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("act", MORE_ACTS)
+def test_gradcheck_float64_more_activations(act):
+    """gradcheck of x, weight, bias and a residual z through each activation of issue
+    16 (elu with alpha 0.7), training; weights in [1, 3] put pre past -3, 3 and 6."""
+    shape = (2, 2, 3, 2)
+    x = make_input(shape, torch.float64, requires_grad=True)
+    z = make_input(shape, torch.float64, torch.channels_last, mean=-1.0, std=1.0,
+                   requires_grad=True)
+    w = (torch.rand(2, dtype=torch.float64, device=DEVICE) * 2 + 1).requires_grad_()
+    b = torch.rand(2, dtype=torch.float64, device=DEVICE).sub_(0.5).requires_grad_()
+
+    def fn(x, w, b, z):
+        return TF.batch_norm(x, None, None, w, b, True, 0.1, activation=act, residual=z,
+                             alpha=ALPHA)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-5)

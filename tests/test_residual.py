@@ -8,7 +8,8 @@ from torch import nn
 
 import tritonbn
 import tritonbn.functional as TF
-from conftest import DEVICE, LAYOUTS, assert_close, check_steps, make_input, module_pair
+from conftest import (DEVICE, LAYOUTS, assert_close, check_steps, make_input, module_pair,
+                      widen)
 from tritonbn import ops
 from tritonbn.heuristics import Config
 from tritonbn.testing import poisoned_allocations, saved_for_backward
@@ -17,16 +18,25 @@ pytestmark = pytest.mark.usefixtures("path")  # both paths, every test
 
 ACTS = [None, "relu", "leaky_relu", "silu", "gelu"]
 SLOPE = 0.2  # leaky_relu's negative slope: not the default, so a dropped slope shows
+MORE_ACTS = ["relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"]  # issue 16
+ALPHA = 0.625  # elu's alpha, likewise; exact in fp32 (a GPU gets float scalars as fp32)
+MASKED = ("relu", "leaky_relu", "relu6")  # act' is 1 or a constant: 1 bit after a residual
 
 
 def torch_act(y, act):
     return {None: lambda t: t, "relu": torch.relu, "leaky_relu": lambda t: F.leaky_relu(t, SLOPE),
-            "silu": F.silu, "gelu": F.gelu}[act](y)
+            "silu": F.silu, "gelu": F.gelu, "relu6": F.relu6, "hardswish": F.hardswish,
+            "hardsigmoid": F.hardsigmoid, "mish": F.mish, "elu": lambda t: F.elu(t, ALPHA),
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act](y)
 
 
-def _steps(layout, act, residual, dtype=torch.float32, z_format=None, steps=2):
-    """Training steps then eval; every output and grad against float64 torch."""
-    ours, ref, shape, fmt = module_pair(layout, dtype, act, negative_slope=SLOPE)
+def _steps(layout, act, residual, dtype=torch.float32, z_format=None, steps=2, wide=False):
+    """Training steps then eval; every output and grad against float64 torch. wide:
+    weights in [1, 3.5] (conftest.widen), so pre reaches relu6's 6 and
+    hardswish's and hardsigmoid's -3 and 3."""
+    ours, ref, shape, fmt = module_pair(layout, dtype, act, negative_slope=SLOPE, alpha=ALPHA)
+    if wide:
+        widen(ours, ref)
     check_steps(ours, ref, shape, fmt, dtype, steps, residual=residual, z_format=z_format)
 
 
@@ -68,6 +78,33 @@ def test_mask_tiles_differ_between_forward_and_backward():
                               dx=Config(16, 4, 1)):
         _steps("NCL", "relu", True, steps=1)
         _steps("NHWC", "leaky_relu", True, steps=1)
+        _steps("NCDHW", "relu6", True, steps=1, wide=True)
+
+
+# relu6, hardswish, hardsigmoid, mish, elu, gelu_tanh (issue 16): relu6 after a
+# residual keeps the bit mask (0 < pre < 6), the others reload z
+
+@pytest.mark.parametrize("act", MORE_ACTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_more_activations_residual_layouts(layout, act):
+    _steps(layout, act, True, wide=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("act", MORE_ACTS)
+def test_more_activations_residual_dtypes(act, dtype):
+    _steps("NHWC", act, True, dtype, wide=True)
+
+
+@pytest.mark.parametrize("cfg", [Config(BLOCK_M=2, BLOCK_C=2, split=3),
+                                 Config(BLOCK_M=16, BLOCK_C=1, split=5)])
+@pytest.mark.parametrize("layout,z_format", [("NCL", None), ("NHWC", torch.contiguous_format),
+                                             ("NCHW", torch.channels_last)])
+def test_relu6_mask_tilings_and_formats(layout, z_format, cfg):
+    """relu6's mask written and read by partial bytes, several splits and channel
+    blocks, with the residual in another memory format than x."""
+    with ops.launch_overrides(reduce=cfg, elementwise=cfg):
+        _steps(layout, "relu6", True, z_format=z_format, steps=1, wide=True)
 
 
 @pytest.mark.parametrize("act", ACTS, ids=str)
@@ -156,12 +193,12 @@ def test_empty_batch_with_residual():
 
 # ----------------------------------------------------------------------------- saved bytes
 
-@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("act", ACTS + MORE_ACTS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_saved_bytes(act, dtype):
     """What backward keeps, measured with saved_tensors_hooks: x, plus numel/8 bytes
-    of mask (relu, leaky_relu) or a reference to the caller's own z (silu, gelu)
-    after a residual add; never a full-size pre-activation. torch's unfused
+    of mask (relu, leaky_relu, relu6) or a reference to the caller's own z (the
+    others) after a residual add; never a full-size pre-activation. torch's unfused
     act(bn(x) + z) keeps x and a new full-size tensor (relu's output, silu's input)."""
     shape = (4, 16, 8, 8)  # 256 positions per channel: the mask is exactly numel / 8
     x = make_input(shape, dtype, torch.channels_last, requires_grad=True)
@@ -179,9 +216,8 @@ def test_saved_bytes(act, dtype):
     _, alone = saved_for_backward(m, x)
     assert new_bytes(alone) == 0 and kept(alone) == {x.untyped_storage().data_ptr()}
     _, fused = saved_for_backward(m, x, z)
-    assert new_bytes(fused) == {None: 0, "relu": E // 8, "leaky_relu": E // 8,
-                                "silu": 0, "gelu": 0}[act]
-    assert kept(fused) == (callers if act in ("silu", "gelu")
+    assert new_bytes(fused) == (E // 8 if act in MASKED else 0)
+    assert kept(fused) == (callers if act is not None and act not in MASKED
                            else {x.untyped_storage().data_ptr()})
     ref = nn.BatchNorm2d(16, device=DEVICE).to(dtype)
     _, unfused = saved_for_backward(lambda x, z: torch_act(ref(x) + z, act), x, z)

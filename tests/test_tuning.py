@@ -554,6 +554,16 @@ def tune_args(*argv):
     return p.parse_args(["tune", "--no-progress", *argv])
 
 
+def test_tune_times_any_activation():
+    """--activation takes every name the kernels have (ops.ACTIVATIONS; None as 'none')."""
+    from tritonbn import ops
+
+    for act in ops.ACTIVATIONS:
+        assert tune_args("--activation", act or "none").activation == (act or "none")
+    with pytest.raises(SystemExit):
+        tune_args("--activation", "tanh")
+
+
 def test_parse_shapes():
     assert command.parse_shapes("32,64,56,56;3136,256") == [(32, 64, 56, 56), (3136, 256)]
     assert command.parse_shapes("quick")[0] == (256, 64, 56, 56)

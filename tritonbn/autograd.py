@@ -5,8 +5,9 @@ library.py instead, which launch the same kernels and save the same tensors, so
 both give the same results bit for bit (tests/test_host.py).
 
 Saves x and the per-channel stats, and, after a residual add, what
-ops.residual_mode picks: the 1-bit mask (relu, leaky_relu), the residual itself
-(silu, gelu), or nothing (no activation). Never a full-size pre-activation.
+ops.residual_mode picks: the 1-bit mask (relu, leaky_relu, relu6), the residual
+itself (the other activations), or nothing (no activation). Never a full-size
+pre-activation.
 """
 from __future__ import annotations
 

@@ -46,9 +46,12 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group,
             device, dtype: as for :class:`torch.nn.SyncBatchNorm`.
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
-            (exact erf form), applied in the same kernel, after the residual.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``
+            (exact erf form), ``"gelu_tanh"`` (``approximate="tanh"``), ``"relu6"``,
+            ``"hardswish"``, ``"hardsigmoid"``, ``"mish"`` or ``"elu"``, as torch's
+            functions of those names, applied in the same kernel, after the residual.
         negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
+        alpha: the ``alpha`` of ``"elu"``, ``alpha * (exp(x) - 1)`` below 0 (default 1.0).
 
     Shape:
         Input (N, C, *), in any memory format; output the same shape and format.
@@ -65,10 +68,10 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
-                 activation=None, negative_slope=0.01):
+                 activation=None, negative_slope=0.01, alpha=1.0):
         nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine,
                                   track_running_stats, process_group, device, dtype)
-        self._set_activation(activation, negative_slope)
+        self._set_activation(activation, negative_slope, alpha)
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
@@ -96,7 +99,7 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
         if (isinstance(module, nn.modules.batchnorm._BatchNorm)
                 and not isinstance(module, (cls, nn.modules.lazy.LazyModuleMixin))):
             out = _new_batchnorm(cls, module, getattr(module, "activation", None),
-                                 getattr(module, "negative_slope", 0.01), keep_hooks=True)
+                                 keep_hooks=True)
             out.process_group = process_group
         for name, child in module.named_children():
             new = cls.convert_sync_batchnorm(child, process_group)

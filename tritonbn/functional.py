@@ -71,15 +71,29 @@ def _torch_eps_check(training, eps):
         raise ValueError(str(e)) from None
 
 
+def _check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_negative_slope(negative_slope):
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError("negative_slope must be a number, got "
-                        f"{type(negative_slope).__name__}")
-    return float(negative_slope)
+    return _check_number("negative_slope", negative_slope)
+
+
+def check_alpha(alpha):
+    return _check_number("alpha", alpha)
+
+
+def activation_slope(activation, negative_slope, alpha) -> float:
+    """The kernels' one scalar of an activation (ops' `slope`, `_batch_norm`'s
+    negative_slope): elu's alpha, else negative_slope (read by leaky_relu alone)."""
+    return alpha if activation == "elu" else negative_slope
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, activation=None, residual=None, negative_slope=0.01):
+               momentum=0.1, eps=1e-5, *, activation=None, residual=None, negative_slope=0.01,
+               alpha=1.0):
     """Batch normalization over (N, C, *) input, plus ``residual``, then ``activation``:
     ``act(F.batch_norm(input, ...) + residual)``, in one pass over memory.
 
@@ -88,8 +102,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     updates ``running_mean``/``running_var`` in place when given (unbiased
     variance, factor ``momentum``); ``training=False`` uses the running stats.
 
-    ``activation``: None, "relu", "leaky_relu" (with ``negative_slope``), "silu" or
-    "gelu" (the exact erf form, as ``nn.GELU()``). ``residual``: None or a tensor
+    ``activation``: None, "relu", "leaky_relu" (with ``negative_slope``), "silu",
+    "gelu" (the exact erf form, as ``nn.GELU()``), "gelu_tanh" (``nn.GELU("tanh")``),
+    "relu6", "hardswish", "hardsigmoid", "mish" or "elu" (with ``alpha``), each as
+    torch's function of that name, grads included. ``residual``: None or a tensor
     added before the activation; its grad comes from the same backward passes. It
     is fused when it is a tensor of the input's shape, dtype and device (any memory
     format); otherwise (a Python number too) the sum is taken unfused, with torch's
@@ -98,9 +114,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton
     kernels; other CPU tensors run torch's own ops.
     """
+    activation = check_activation(activation)
+    slope = activation_slope(activation, check_negative_slope(negative_slope), check_alpha(alpha))
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       check_activation(activation), residual=residual,
-                       negative_slope=check_negative_slope(negative_slope))
+                       activation, residual=residual, negative_slope=slope)
 
 
 def _fusable(input, residual) -> bool:
@@ -113,7 +130,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 comm=None):
     """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked.
     comm: SyncBatchNorm's collectives (distributed.py), for batch statistics over
-    every process's batch; None for this process's own."""
+    every process's batch; None for this process's own. negative_slope: the
+    activation's scalar (activation_slope: elu's alpha too)."""
     _check(input, running_mean, running_var, weight, bias, training, eps, comm is not None)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "

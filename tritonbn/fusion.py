@@ -66,11 +66,14 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
       device and dtype are unchanged. ``training`` is copied. If ``module`` itself is a
       BatchNorm, the new module is returned. The ``Lazy`` modules are left as they are.
     * With ``fuse_activation`` (the default), fuses the activation after a BatchNorm:
-      ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` (the exact form; a tanh
-      GELU stays separate), their functional forms (``F.relu``, ``torch.relu``,
-      ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu``; in-place variants too),
-      and a residual added between them (``act(bn(x) + other)``, ``out += identity``
-      as in torchvision's ResNet blocks):
+      ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` and
+      ``nn.GELU(approximate="tanh")``, ``nn.ReLU6`` (and ``nn.Hardtanh(0, 6)``),
+      ``nn.Hardswish``, ``nn.Hardsigmoid``, ``nn.Mish``, ``nn.ELU`` (with its alpha),
+      their functional forms (``F.relu``, ``torch.relu``, ``x.relu()``,
+      ``F.leaky_relu``, ``F.silu``, ``F.gelu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``,
+      ``F.hardswish``, ``F.hardsigmoid``, ``F.mish``, ``F.elu``; in-place variants
+      too), and a residual added between them (``act(bn(x) + other)``,
+      ``out += identity`` as in torchvision's ResNet blocks):
 
       - inside an ``nn.Sequential``, ``(..., bn, act, ...)`` becomes
         ``(..., bn with the activation, nn.Identity(), ...)``, in place;
@@ -199,15 +202,24 @@ _STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_
                 "_load_state_dict_post_hooks")
 
 
-def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None,
-                   negative_slope=None, keep_hooks=None) -> nn.Module:
+def _act_kwargs(old, activation, slope) -> dict:
+    """activation, negative_slope and alpha of a module replacing old: old's scalars (a
+    tritonbn module's, else the defaults), with slope, the scalar of the activation
+    found after it (leaky_relu's negative_slope, elu's alpha), where there is one."""
+    kw = dict(activation=activation, negative_slope=getattr(old, "negative_slope", 0.01),
+              alpha=getattr(old, "alpha", 1.0))
+    if slope is not None:
+        kw["alpha" if activation == "elu" else "negative_slope"] = slope
+    return kw
+
+
+def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None, slope=None,
+                   keep_hooks=None) -> nn.Module:
     """A tritonbn module of class cls holding old's very Parameters and buffers (and its
     process group, for a SyncBatchNorm). Its forward/backward hooks too, unless it gets
     an activation old did not have (keep_hooks=None) or keep_hooks is False."""
     new = cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-              device="meta", activation=activation,
-              negative_slope=(getattr(old, "negative_slope", 0.01) if negative_slope is None
-                              else negative_slope))
+              device="meta", **_act_kwargs(old, activation, slope))
     for name in list(new._parameters):
         new._parameters[name] = old._parameters.get(name)
     for name in list(new._buffers):
@@ -240,7 +252,7 @@ def _foreign(m: nn.Module, name: str, *packages: str) -> bool:
 
 
 def _timm_norm_act(m: nn.Module):
-    """(activation, negative_slope) for timm's BatchNormAct2d (a BatchNorm2d subclass
+    """(activation, slope) for timm's BatchNormAct2d (a BatchNorm2d subclass
     whose forward is bn -> self.drop -> self.act; recognized by class and module name,
     timm is not imported) where drop computes nothing and act is nn.Identity or an
     activation tritonbn fuses; else None."""
@@ -262,11 +274,10 @@ def _foreign_frozen(m: nn.Module) -> bool:
             and isinstance(getattr(m, "eps", None), float))
 
 
-def _new_frozen(old, activation=None, negative_slope=None) -> FrozenBatchNorm2d:
+def _new_frozen(old, activation=None, slope=None) -> FrozenBatchNorm2d:
     """A tritonbn FrozenBatchNorm2d holding old's very buffers."""
-    new = FrozenBatchNorm2d(old.weight.shape[0], old.eps, device="meta", activation=activation,
-                            negative_slope=(getattr(old, "negative_slope", 0.01)
-                                            if negative_slope is None else negative_slope))
+    new = FrozenBatchNorm2d(old.weight.shape[0], old.eps, device="meta",
+                            **_act_kwargs(old, activation, slope))
     for name in list(new._buffers):
         new._buffers[name] = old._buffers[name]
     new.training = old.training
@@ -310,19 +321,34 @@ def _has_hooks(m: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+# activation modules without parameters -> tritonbn's name (their inplace flag
+# changes nothing once fused)
+_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+            nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish"}
+_GELUS = {"none": "gelu", "tanh": "gelu_tanh"}  # by GELU's approximate
+
+
+def _relu6_bounds(min_val, max_val) -> bool:
+    """hardtanh(min_val, max_val) is relu6."""
+    return _number(min_val) and _number(max_val) and min_val == 0 and max_val == 6
+
+
 def _module_activation(m):
-    """(activation, negative_slope) of an activation module tritonbn can fuse, else None."""
+    """(activation, slope) of an activation module tritonbn can fuse, else None; slope is
+    the scalar it carries (leaky_relu's negative_slope, elu's alpha), else None."""
     if _has_hooks(m):
         return None
     t = type(m)
-    if t is nn.ReLU:
-        return "relu", None
+    if t in _MODULES:
+        return _MODULES[t], None
     if t is nn.LeakyReLU:
         return "leaky_relu", float(m.negative_slope)
-    if t is nn.SiLU:
-        return "silu", None
-    if t is nn.GELU and m.approximate == "none":
-        return "gelu", None
+    if t is nn.ELU:
+        return "elu", float(m.alpha)
+    if t is nn.GELU and m.approximate in _GELUS:
+        return _GELUS[m.approximate], None
+    if t in (nn.ReLU6, nn.Hardtanh) and _relu6_bounds(m.min_val, m.max_val):
+        return "relu6", None
     return None
 
 
@@ -388,12 +414,22 @@ _FUNCTIONS = {
                    {"negative_slope": 0.01, "inplace": False}, "leaky_relu"),
     F.silu: (("input", "inplace"), {"inplace": False}, "silu"),
     F.gelu: (("input", "approximate"), {"approximate": "none"}, "gelu"),
+    F.relu6: (("input", "inplace"), {"inplace": False}, "relu6"),
+    F.hardtanh: (("input", "min_val", "max_val", "inplace"),
+                 {"min_val": -1.0, "max_val": 1.0, "inplace": False}, "hardtanh"),
+    F.hardtanh_: (("input", "min_val", "max_val"), {"min_val": -1.0, "max_val": 1.0},
+                  "hardtanh"),
+    F.hardswish: (("input", "inplace"), {"inplace": False}, "hardswish"),
+    F.hardsigmoid: (("input", "inplace"), {"inplace": False}, "hardsigmoid"),
+    F.mish: (("input", "inplace"), {"inplace": False}, "mish"),
+    F.elu: (("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False}, "elu"),
+    F.elu_: (("input", "alpha"), {"alpha": 1.0}, "elu"),
 }
 _METHODS = {"relu": "relu", "relu_": "relu"}
 
 
 def _node_activation(node, modules):
-    """(input node, activation, negative_slope) when node applies a fusable activation."""
+    """(input node, activation, slope) when node applies a fusable activation."""
     if node.op == "call_module":
         if len(node.args) != 1 or node.kwargs:
             return None
@@ -415,14 +451,16 @@ def _node_activation(node, modules):
         if b is None or not isinstance(b.get("inplace", False), bool):
             return None
         slope = None
-        if act == "leaky_relu":
-            slope = b["negative_slope"]
+        if act in ("leaky_relu", "elu"):
+            slope = b["negative_slope" if act == "leaky_relu" else "alpha"]
             if not _number(slope):
                 return None
             slope = float(slope)
-        if act == "gelu" and b["approximate"] != "none":
-            return None
-        return b["input"], act, slope
+        if act == "gelu":
+            act = _GELUS.get(b["approximate"]) if isinstance(b["approximate"], str) else None
+        if act == "hardtanh":
+            act = "relu6" if _relu6_bounds(b["min_val"], b["max_val"]) else None
+        return (b["input"], act, slope) if act is not None else None
     return None
 
 
@@ -455,9 +493,7 @@ def _fuse_sequentials(root: nn.Module) -> None:
             spec = _module_activation(act)
             if spec is None:
                 continue
-            bn.activation = spec[0]
-            if spec[1] is not None:
-                bn.negative_slope = spec[1]
+            bn._set_activation(**_act_kwargs(bn, *spec))
             seq._modules[second] = nn.Identity()
 
 

@@ -13,6 +13,9 @@ mutations declared, as aten's own BatchNorm is split:
                                            training, eps, activation, negative_slope,
                                            needs) -> (dx, dweight, dbias, dresidual)
 
+negative_slope is the activation's one scalar: leaky_relu's negative_slope, elu's
+alpha (functional.activation_slope).
+
 Outputs a call does not produce are empty tensors (custom ops return tensors, not
 None): the mask unless ops.residual_mode is RES_MASK, the grads not asked for in
 `needs`, everything of an empty batch but y.

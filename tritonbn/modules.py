@@ -9,21 +9,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import _batch_norm, check_activation, check_negative_slope
+from .functional import (_batch_norm, activation_slope, check_activation, check_alpha,
+                         check_negative_slope)
 
 
 class _BatchNormAct:
     """forward() of torch's _BatchNorm, verbatim in its semantics, on tritonbn's kernels."""
 
+    alpha = 1.0  # elu's; modules pickled before elu have no attribute of their own
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, activation=None,
-                 negative_slope=0.01):
+                 negative_slope=0.01, alpha=1.0):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._set_activation(activation, negative_slope)
+        self._set_activation(activation, negative_slope, alpha)
 
-    def _set_activation(self, activation, negative_slope):
+    def _set_activation(self, activation, negative_slope, alpha=1.0):
         self.activation = check_activation(activation)
         self.negative_slope = check_negative_slope(negative_slope)
+        self.alpha = check_alpha(alpha)
+
+    def _slope(self) -> float:
+        """The kernels' scalar of the activation: negative_slope, or elu's alpha."""
+        return activation_slope(self.activation, self.negative_slope, self.alpha)
 
     def _state(self) -> tuple:
         """(weight, bias, running_mean, running_var, num_batches_tracked), read from the
@@ -71,13 +79,18 @@ class _BatchNormAct:
         running_mean, running_var, training, momentum, nbt = args
         return _batch_norm(input, running_mean, running_var, state[0], state[1], training,
                            momentum, self.eps, self.activation, nbt, residual=residual,
-                           negative_slope=self.negative_slope, comm=comm)
+                           negative_slope=self._slope(), comm=comm)
 
-    def extra_repr(self):
-        out = f"{super().extra_repr()}, activation={self.activation!r}"
+    def _act_repr(self):
+        out = f"activation={self.activation!r}"
         if self.activation == "leaky_relu":
             out += f", negative_slope={self.negative_slope}"
+        elif self.activation == "elu":
+            out += f", alpha={self.alpha}"
         return out
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, {self._act_repr()}"
 
 
 class BatchNorm1d(_BatchNormAct, nn.BatchNorm1d):
@@ -86,9 +99,12 @@ class BatchNorm1d(_BatchNormAct, nn.BatchNorm1d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm1d`.
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
-            (exact erf form), applied in the same kernel, after the residual.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``
+            (exact erf form), ``"gelu_tanh"`` (``approximate="tanh"``), ``"relu6"``,
+            ``"hardswish"``, ``"hardsigmoid"``, ``"mish"`` or ``"elu"``, as torch's
+            functions of those names, applied in the same kernel, after the residual.
         negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
+        alpha: the ``alpha`` of ``"elu"``, ``alpha * (exp(x) - 1)`` below 0 (default 1.0).
 
     Shape:
         Input (N, C) or (N, C, L); output the same shape and memory format.
@@ -108,9 +124,12 @@ class BatchNorm2d(_BatchNormAct, nn.BatchNorm2d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm2d`.
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
-            (exact erf form), applied in the same kernel, after the residual.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``
+            (exact erf form), ``"gelu_tanh"`` (``approximate="tanh"``), ``"relu6"``,
+            ``"hardswish"``, ``"hardsigmoid"``, ``"mish"`` or ``"elu"``, as torch's
+            functions of those names, applied in the same kernel, after the residual.
         negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
+        alpha: the ``alpha`` of ``"elu"``, ``alpha * (exp(x) - 1)`` below 0 (default 1.0).
 
     Shape:
         Input (N, C, H, W), contiguous or channels_last; output the same shape and
@@ -132,9 +151,12 @@ class BatchNorm3d(_BatchNormAct, nn.BatchNorm3d):
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype:
             as for :class:`torch.nn.BatchNorm3d`.
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"`` or ``"gelu"``
-            (exact erf form), applied in the same kernel, after the residual.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``
+            (exact erf form), ``"gelu_tanh"`` (``approximate="tanh"``), ``"relu6"``,
+            ``"hardswish"``, ``"hardsigmoid"``, ``"mish"`` or ``"elu"``, as torch's
+            functions of those names, applied in the same kernel, after the residual.
         negative_slope: the slope of ``"leaky_relu"`` below 0 (default 0.01).
+        alpha: the ``alpha`` of ``"elu"``, ``alpha * (exp(x) - 1)`` below 0 (default 1.0).
 
     Shape:
         Input (N, C, D, H, W), contiguous or channels_last_3d; output the same shape
@@ -161,7 +183,7 @@ class FrozenBatchNorm2d(_BatchNormAct, nn.Module):
     """
 
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None, *, activation=None,
-                 negative_slope=0.01):
+                 negative_slope=0.01, alpha=1.0):
         nn.Module.__init__(self)
         kw = dict(device=device, dtype=dtype)
         self.num_features, self.eps = num_features, eps
@@ -169,7 +191,7 @@ class FrozenBatchNorm2d(_BatchNormAct, nn.Module):
         self.register_buffer("bias", torch.zeros(num_features, **kw))
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
-        self._set_activation(activation, negative_slope)
+        self._set_activation(activation, negative_slope, alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -182,10 +204,7 @@ class FrozenBatchNorm2d(_BatchNormAct, nn.Module):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         return _batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                            False, 0.0, self.eps, self.activation, None, residual=residual,
-                           negative_slope=self.negative_slope)
+                           negative_slope=self._slope())
 
     def extra_repr(self):
-        out = f"{self.num_features}, eps={self.eps}, activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            out += f", negative_slope={self.negative_slope}"
-        return out
+        return f"{self.num_features}, eps={self.eps}, {self._act_repr()}"

@@ -22,22 +22,23 @@ from .heuristics import (KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig,
 from .layout import View, kernel_view, like
 
 # activation name -> the kernels' ACT constexpr (kernels/common.py)
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "relu6": 5,
+               "hardswish": 6, "hardsigmoid": 7, "mish": 8, "elu": 9, "gelu_tanh": 10}
 # what backward keeps of a residual z added before the activation (the kernels' RES)
 RES_NONE, RES_RELOAD, RES_MASK = 0, 1, 2
 
 
 def residual_mode(activation, has_residual: bool) -> int:
     """How backward gets act'(pre) when pre includes a residual z:
-    RES_MASK   relu, leaky_relu: act' is 1 or a constant, so 1 bit per element
+    RES_MASK   relu, leaky_relu, relu6: act' is 1 or a constant, so 1 bit per element
                (E/8 bytes, written by the forward) is all backward needs;
-    RES_RELOAD silu, gelu: act' needs pre itself, so backward reads z again (saving
+    RES_RELOAD the others: act' needs pre itself, so backward reads z again (saving
                the caller's z costs no memory while anything else holds it, and at
                most E*s, the size of the pre-activation it replaces);
     RES_NONE   no residual, or no activation (dz = dy): nothing to keep."""
     if not has_residual or activation is None:
         return RES_NONE
-    return RES_MASK if activation in ("relu", "leaky_relu") else RES_RELOAD
+    return RES_MASK if activation in ("relu", "leaky_relu", "relu6") else RES_RELOAD
 
 # Test and tuning hooks: a config per kernel instead of the selected one (tuned or
 # heuristic), and 64-bit offsets on tensors too small to need them.

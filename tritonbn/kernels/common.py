@@ -8,14 +8,23 @@ ACT_RELU = tl.constexpr(1)
 ACT_LEAKY_RELU = tl.constexpr(2)
 ACT_SILU = tl.constexpr(3)
 ACT_GELU = tl.constexpr(4)
+ACT_RELU6 = tl.constexpr(5)
+ACT_HARDSWISH = tl.constexpr(6)
+ACT_HARDSIGMOID = tl.constexpr(7)
+ACT_MISH = tl.constexpr(8)
+ACT_ELU = tl.constexpr(9)       # alpha in `slope`
+ACT_GELU_TANH = tl.constexpr(10)
 
 # what backward knows of a residual z added before the activation (ops.residual_mode)
 RES_NONE = tl.constexpr(0)    # no residual, or no activation: act'(pre) needs no z
-RES_RELOAD = tl.constexpr(1)  # read z again and recompute pre (silu, gelu)
-RES_MASK = tl.constexpr(2)    # read the bit "act'(pre) == 1" normalize wrote (relu, leaky_relu)
+RES_RELOAD = tl.constexpr(1)  # read z again and recompute pre (silu, gelu, ...)
+RES_MASK = tl.constexpr(2)    # read the bit "act'(pre) == 1" normalize wrote (relu, leaky_relu,
+                              # relu6)
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_PI = tl.constexpr(0.7978845608028654)     # sqrt(2 / pi): tanh gelu's kBeta
+GELU_KAPPA = tl.constexpr(0.044715)              # tanh gelu's kKappa
 
 
 @triton.jit
@@ -149,8 +158,41 @@ def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def clamp6(u):
+    """min(max(u, 0), 6) as torch's clamp: NaN stays NaN (relu6, hardswish, hardsigmoid)."""
+    return tl.where(u <= 0.0, 0.0, tl.where(u >= 6.0, 6.0, u))
+
+
+@triton.jit
+def tanh_parts(u):
+    """(1 + tanh(u), 1 - tanh(u)^2) from exp(-2|u|): neither cancels where tanh(u) is
+    near -1 or 1, as 1 - tanh(u) * tanh(u) would (Triton has no tanh; NaN stays NaN)."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    r = 1.0 / (1.0 + e)
+    return tl.where(u < 0.0, 2.0 * e * r, 2.0 * r), 4.0 * e * r * r
+
+
+@triton.jit
+def gelu_tanh_inner(pre):
+    """sqrt(2 / pi) (pre + 0.044715 pre^3), tanh gelu's argument of tanh (constexprs on
+    the right: the interpreter cannot multiply a constexpr by a tensor)."""
+    return (pre + pre * pre * pre * GELU_KAPPA) * SQRT_2_PI
+
+
+@triton.jit
+def tanh_softplus(pre):
+    """tanh(softplus(pre)) = n / (n + 2), n = e^pre (e^pre + 2) (Triton has neither tanh
+    nor log1p): exactly 1 beyond pre = 20 in fp32 and fp64 alike, so e^pre is taken at
+    20 at most (no inf / inf); NaN stays NaN."""
+    e = tl.exp(tl.where(pre > 20.0, 20.0, pre))
+    n = e * (e + 2.0)
+    return n / (n + 2.0)
+
+
+@triton.jit
 def activate(pre, slope, ACT: tl.constexpr):
-    """act(pre), each as torch computes it: relu keeps NaN, gelu is the exact erf form."""
+    """act(pre), each as torch computes it: relu keeps NaN, gelu is the exact erf form,
+    gelu_tanh torch's approximate="tanh", elu's alpha is slope."""
     if ACT == ACT_RELU:
         pre = tl.where(pre <= 0.0, 0.0, pre)
     elif ACT == ACT_LEAKY_RELU:
@@ -159,16 +201,39 @@ def activate(pre, slope, ACT: tl.constexpr):
         pre = pre / (1.0 + tl.exp(-pre))
     elif ACT == ACT_GELU:
         pre = 0.5 * pre * (1.0 + tl.erf(pre * SQRT1_2))
+    elif ACT == ACT_RELU6:
+        pre = clamp6(pre)
+    elif ACT == ACT_HARDSWISH:
+        pre = pre * clamp6(pre + 3.0) / 6.0
+    elif ACT == ACT_HARDSIGMOID:
+        pre = clamp6(pre + 3.0) / 6.0
+    elif ACT == ACT_MISH:
+        pre = pre * tanh_softplus(pre)
+    elif ACT == ACT_ELU:
+        pre = tl.where(pre > 0.0, pre, (tl.exp(pre) - 1.0) * slope)
+    elif ACT == ACT_GELU_TANH:
+        one_plus_t, _ = tanh_parts(gelu_tanh_inner(pre))
+        pre = 0.5 * pre * one_plus_t
     return pre
 
 
 @triton.jit
+def rounded(pre, OUT_DTYPE: tl.constexpr):
+    """pre as torch's activation would see it, the output dtype's value (in pre's
+    dtype): what the branches of act' test, as torch's backward tests its input."""
+    return pre.to(OUT_DTYPE).to(pre.dtype)
+
+
+@triton.jit
 def act_keep(pre, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
-    """For relu and leaky_relu, whether act'(pre) is 1 (else 0 or slope): the test
-    torch's backward makes, on the output-dtype value (relu passes NaN through)."""
-    p = pre.to(OUT_DTYPE).to(pre.dtype)
+    """For relu, leaky_relu and relu6, whether act'(pre) is 1 (else 0 or slope): the
+    test torch's backward makes, on the output-dtype value (relu and relu6 pass NaN
+    through; relu6 = hardtanh(0, 6), 1 strictly inside)."""
+    p = rounded(pre, OUT_DTYPE)
     if ACT == ACT_RELU:
         keep = ~(p <= 0.0)
+    elif ACT == ACT_RELU6:
+        keep = ~((p <= 0.0) | (p >= 6.0))
     else:
         keep = p > 0.0
     return keep
@@ -176,8 +241,8 @@ def act_keep(pre, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
 
 @triton.jit
 def act_grad_keep(dy, keep, slope, ACT: tl.constexpr):
-    """dy * act'(pre) for relu and leaky_relu, from act_keep(pre)."""
-    if ACT == ACT_RELU:
+    """dy * act'(pre) for relu, leaky_relu and relu6, from act_keep(pre)."""
+    if ACT == ACT_RELU or ACT == ACT_RELU6:
         dy = tl.where(keep, dy, 0.0)
     elif ACT == ACT_LEAKY_RELU:
         dy = tl.where(keep, dy, dy * slope)
@@ -207,8 +272,10 @@ def load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean,
 
 @triton.jit
 def act_grad(dy, pre, slope, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
-    """dy * act'(pre), with torch's formulas for silu and gelu."""
-    if ACT == ACT_RELU or ACT == ACT_LEAKY_RELU:
+    """dy * act'(pre), with torch's formulas; where act' jumps, the branch is torch's
+    test (aten's hardswish_backward, hardsigmoid_backward, elu_backward) on the
+    output-dtype value, the formula on pre itself."""
+    if ACT == ACT_RELU or ACT == ACT_LEAKY_RELU or ACT == ACT_RELU6:
         dy = act_grad_keep(dy, act_keep(pre, OUT_DTYPE, ACT), slope, ACT)
     elif ACT == ACT_SILU:
         sig = 1.0 / (1.0 + tl.exp(-pre))
@@ -217,4 +284,20 @@ def act_grad(dy, pre, slope, OUT_DTYPE: tl.constexpr, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.erf(pre * SQRT1_2))
         pdf = tl.exp(-0.5 * pre * pre) * INV_SQRT_2PI
         dy = dy * (cdf + pre * pdf)
+    elif ACT == ACT_HARDSWISH:  # 0 up to -3, 1 from 3 (NaN: dy)
+        p = rounded(pre, OUT_DTYPE)
+        dy = tl.where(p <= -3.0, 0.0, tl.where(p < 3.0, dy * (pre / 3.0 + 0.5), dy))
+    elif ACT == ACT_HARDSIGMOID:  # 1/6 strictly inside (-3, 3) (NaN: 0)
+        p = rounded(pre, OUT_DTYPE)
+        dy = tl.where((p > -3.0) & (p < 3.0), dy * (1.0 / 6.0), 0.0)
+    elif ACT == ACT_MISH:
+        t = tanh_softplus(pre)
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        dy = dy * (t + pre * sig * (1.0 - t * t))
+    elif ACT == ACT_ELU:  # alpha e^pre up to 0 (NaN: dy)
+        dy = tl.where(rounded(pre, OUT_DTYPE) <= 0.0, dy * slope * tl.exp(pre), dy)
+    elif ACT == ACT_GELU_TANH:
+        one_plus_t, dt = tanh_parts(gelu_tanh_inner(pre))
+        dy = dy * (0.5 * one_plus_t
+                   + 0.5 * pre * dt * SQRT_2_PI * (1.0 + pre * pre * (3.0 * GELU_KAPPA)))
     return dy

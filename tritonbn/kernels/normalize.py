@@ -2,9 +2,9 @@
 (plus one read of the residual z when there is one).
 
 Training passes the batch mean/invstd; eval passes running_mean/running_var
-with FROM_VAR so the same kernel serves both. WRITE_MASK also stores, for relu
-and leaky_relu after a residual add, one bit per element telling backward which
-side of 0 the pre-activation fell on, so backward never reads z again.
+with FROM_VAR so the same kernel serves both. WRITE_MASK also stores, for relu,
+leaky_relu and relu6 after a residual add, one bit per element telling backward
+whether act'(pre) is 1 (act_keep), so backward never reads z again.
 """
 import triton
 import triton.language as tl

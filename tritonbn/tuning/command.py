@@ -73,7 +73,9 @@ def add_parser(sub):
                    help="for 4-D and 5-D shapes (2-D and 3-D inputs have one layout); default both")
     p.add_argument("--passes", type=csv_choices(tuple(PASSES)), default=tuple(PASSES),
                    help="fwd (stats, combine, normalize), bwd (reduce, combine, dx); default both")
-    p.add_argument("--activation", choices=("relu", "leaky_relu", "silu", "gelu", "none"),
+    p.add_argument("--activation", choices=("relu", "leaky_relu", "silu", "gelu", "gelu_tanh",
+                                            "relu6", "hardswish", "hardsigmoid", "mish", "elu",
+                                            "none"),
                    default="relu",
                    help="the activation timed (default relu); configs serve every activation")
     p.add_argument("--retune", action="store_true", help="tune buckets the cache already holds")
