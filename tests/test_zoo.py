@@ -82,16 +82,18 @@ def counts(model):
 # ResNet-18: the stem's and every block's first BN with ReLU, each block's second with
 # its residual and ReLU, the 3 downsample BNs alone. EfficientNet-B0: SiLU after the
 # stem, the 15 expansions, the 16 depthwise convs and the head; the 16 projections alone.
+# MobileNetV2: ReLU6 after every BN but the 17 projections; timm's
+# MobileNetV3 builds its BNs as BatchNormAct2d, which convert takes with their act.
 EXPECTED = {
     "tv_resnet18": (20, {"tritonbn.BatchNorm2d": 20}, {"relu": 17}, 8),
-    "tv_mobilenet_v2": (52, {"tritonbn.BatchNorm2d": 52}, {}, 0),
-    "tv_mobilenet_v3_small": (34, {"tritonbn.BatchNorm2d": 34}, {"relu": 5}, 0),
+    "tv_mobilenet_v2": (52, {"tritonbn.BatchNorm2d": 52}, {"relu6": 35}, 0),
+    "tv_mobilenet_v3_small": (34, {"tritonbn.BatchNorm2d": 34}, {"hardswish": 18, "relu": 5}, 0),
     "tv_efficientnet_b0": (49, {"tritonbn.BatchNorm2d": 49}, {"silu": 33}, 0),
     "tv_fpn_resnet18_frozen": (20, {"tritonbn.FrozenBatchNorm2d": 20}, {"relu": 17}, 8),
     "timm_resnet18": (20, {"tritonbn.BatchNorm2d": 20}, {"relu": 17}, 8),
     "timm_efficientnet_b0": (49, {"tritonbn.BatchNorm2d": 49}, {"silu": 33}, 0),
-    "timm_mobilenetv3_small_100": (34, {"timm.BatchNormAct2d": 18, "tritonbn.BatchNorm2d": 16},
-                                   {"relu": 5}, 0),
+    "timm_mobilenetv3_small_100": (34, {"tritonbn.BatchNorm2d": 34},
+                                   {"hardswish": 18, "relu": 5}, 0),
     "timm_regnety_002": (44, {"tritonbn.BatchNorm2d": 44}, {"relu": 40}, 13),
 }
 
