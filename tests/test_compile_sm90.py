@@ -16,8 +16,9 @@ def test_all_launched_variants_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = pathlib.Path(__file__).with_name("compile_sm90.py")
+    # a cold Triton cache on CI's 2 cores: ~15 min with issue 16's activations
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=2100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"compiled (\d+) kernel variants", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]

@@ -160,3 +160,53 @@ def test_convert_frozen_keeps_elu_alpha():
     ya.backward(torch.ones_like(ya))
     yb.backward(torch.ones_like(yb))
     torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm.layers.norm_act.FrozenBatchNormAct2d as timm writes it: frozen BN, then
+    self.drop, then self.act."""
+    __module__ = "timm.layers.norm_act"
+
+    def __init__(self, num_features, act=None, drop=None):
+        super().__init__(num_features)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+        self.running_mean.uniform_(-1.0, 1.0)
+        self.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("act,drop,activation", [
+    (nn.ReLU(inplace=True), None, "relu"), (nn.Hardswish(), nn.Dropout(0.0), "hardswish"),
+    (None, None, None), (nn.ELU(0.4), None, "elu")])
+def test_timm_frozen_batchnorm_act_converts_with_its_activation(act, drop, activation):
+    """timm's FrozenBatchNormAct2d becomes a tritonbn FrozenBatchNorm2d with its act
+    fused (elu's alpha kept), the same buffers and state_dict keys, and computes the
+    same, forward and backward."""
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNormAct2d(4, act, drop)).to(DEVICE)
+    out, rows = tritonbn.convert(copy.deepcopy(ref), report=True)
+    assert isinstance(out[1], tritonbn.FrozenBatchNorm2d) and out[1].activation == activation
+    assert [(r.name, r.became, r.activation) for r in rows] == [
+        ("1", "tritonbn.FrozenBatchNorm2d", activation)]
+    if activation == "elu":
+        assert out[1].alpha == 0.4
+    assert list(out.state_dict()) == list(ref.state_dict())
+    x = make_input((2, 3, 3, 2), mean=0.0)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(a), out(b)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    ya.backward(torch.ones_like(ya))
+    yb.backward(torch.ones_like(yb))
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act,drop", [(nn.Tanh(), None), (nn.ReLU(), nn.Dropout(0.3))])
+def test_timm_frozen_batchnorm_act_that_computes_more_stays(act, drop):
+    """An activation tritonbn does not fuse, or a drop that computes: left alone, and
+    the report says so."""
+    ref = nn.Sequential(FrozenBatchNormAct2d(4, act, drop)).to(DEVICE)
+    out, rows = tritonbn.convert(copy.deepcopy(ref), report=True)
+    assert type(out[0]) is FrozenBatchNormAct2d
+    assert rows[0].became.endswith("FrozenBatchNormAct2d") and "left alone" in rows[0].note

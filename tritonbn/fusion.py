@@ -65,6 +65,12 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
       so an optimizer built before ``convert`` keeps training the converted model, and
       device and dtype are unchanged. ``training`` is copied. If ``module`` itself is a
       BatchNorm, the new module is returned. The ``Lazy`` modules are left as they are.
+      torchvision's and timm's ``FrozenBatchNorm2d`` become
+      :class:`tritonbn.FrozenBatchNorm2d` (the same buffers); timm's ``BatchNormAct2d``
+      and ``FrozenBatchNormAct2d`` become tritonbn's ``BatchNorm2d`` and
+      ``FrozenBatchNorm2d`` with their activation, where their ``drop`` computes
+      nothing and their ``act`` is fused (recognized by class and module name; neither
+      package is imported).
     * With ``fuse_activation`` (the default), fuses the activation after a BatchNorm:
       ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` and
       ``nn.GELU(approximate="tanh")``, ``nn.ReLU6`` (and ``nn.Hardtanh(0, 6)``),
@@ -109,7 +115,7 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
         raise TypeError(f"convert() expects an nn.Module, got {type(module).__name__}")
     originals = [(name, type(m)) for name, m in module.named_modules()
                  if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
-                 or _foreign_frozen(m)]
+                 or _foreign_frozen(m) or _foreign(m, "FrozenBatchNormAct2d", "timm.")]
     module = _replace_batchnorms(module, {})
     failures: list[tuple[str, str]] = []
     if fuse_activation:
@@ -257,8 +263,16 @@ def _timm_norm_act(m: nn.Module):
     timm is not imported) where drop computes nothing and act is nn.Identity or an
     activation tritonbn fuses; else None."""
     if not (_foreign(m, "BatchNormAct2d", "timm.") and isinstance(m, nn.BatchNorm2d)
-            and set(m._modules) == {"drop", "act"} and not _has_hooks(m)
-            and _noop_module(m.drop)):
+            and set(m._modules) == {"drop", "act"}):
+        return None
+    return _drop_act(m)
+
+
+def _drop_act(m: nn.Module):
+    """(activation, slope) of a timm norm-act module's tail, self.act(self.drop(y)),
+    where the module has no hooks, drop computes nothing and act is nn.Identity
+    ((None, None)) or an activation tritonbn fuses; else None."""
+    if _has_hooks(m) or not _noop_module(m.drop):
         return None
     if type(m.act) is nn.Identity and not _has_hooks(m.act):
         return None, None
@@ -272,6 +286,19 @@ def _foreign_frozen(m: nn.Module) -> bool:
             and set(m._buffers) == {"weight", "bias", "running_mean", "running_var"}
             and not m._parameters and not m._modules
             and isinstance(getattr(m, "eps", None), float))
+
+
+def _timm_frozen_act(m: nn.Module):
+    """(activation, slope) for timm's FrozenBatchNormAct2d (fixed statistics and affine
+    buffers, then self.drop, then self.act; recognized by class and module name) where
+    drop computes nothing and act is nn.Identity or an activation tritonbn fuses; else
+    None."""
+    if not (_foreign(m, "FrozenBatchNormAct2d", "timm.")
+            and set(m._buffers) == {"weight", "bias", "running_mean", "running_var"}
+            and not m._parameters and set(m._modules) == {"drop", "act"}
+            and isinstance(getattr(m, "eps", None), float)):
+        return None
+    return _drop_act(m)
 
 
 def _new_frozen(old, activation=None, slope=None) -> FrozenBatchNorm2d:
@@ -290,6 +317,10 @@ def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
         return memo[id(module)]
     if _foreign_frozen(module):
         memo[id(module)] = new = _new_frozen(module)
+        return new
+    frozen_act = _timm_frozen_act(module)
+    if frozen_act is not None:               # its drop and act go into the kernel
+        memo[id(module)] = new = _new_frozen(module, *frozen_act)
         return new
     norm_act = _timm_norm_act(module)
     if norm_act is not None:                 # its drop and act go into the kernel
