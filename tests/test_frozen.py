@@ -134,6 +134,17 @@ def test_convert_fuses_frozen_batchnorms():
     torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
 
 
+def _same_step(ref, out):
+    """ref and out (converted) give the same output and input grad."""
+    x = make_input((2, 3, 3, 2), mean=0.0)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(a), out(b)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    ya.backward(torch.ones_like(ya))
+    yb.backward(torch.ones_like(yb))
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+
+
 class FrozenElu(nn.Module):
     def __init__(self):
         super().__init__()
@@ -153,13 +164,7 @@ def test_convert_frozen_keeps_elu_alpha():
             if isinstance(m, tritonbn.FrozenBatchNorm2d)}
     assert acts == {"bn1": ("elu", 0.5), "bn2": ("hardswish", 1.0), "seq.0": ("elu", 0.3)}
     assert "alpha=0.5" in repr(out.bn1)
-    x = make_input((2, 3, 3, 2), mean=0.0)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ref(a), out(b)
-    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    ya.backward(torch.ones_like(ya))
-    yb.backward(torch.ones_like(yb))
-    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+    _same_step(ref, out)
 
 
 class FrozenBatchNormAct2d(FrozenBatchNorm2d):
@@ -193,13 +198,7 @@ def test_timm_frozen_batchnorm_act_converts_with_its_activation(act, drop, activ
     if activation == "elu":
         assert out[1].alpha == 0.4
     assert list(out.state_dict()) == list(ref.state_dict())
-    x = make_input((2, 3, 3, 2), mean=0.0)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ref(a), out(b)
-    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
-    ya.backward(torch.ones_like(ya))
-    yb.backward(torch.ones_like(yb))
-    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+    _same_step(ref, out)
 
 
 @pytest.mark.parametrize("act,drop", [(nn.Tanh(), None), (nn.ReLU(), nn.Dropout(0.3))])
