@@ -243,17 +243,16 @@ def _go(fn, launch, compiled: dict, name: str, *ptrs):
 _LAST_COMBINE = os.environ.get("TRITONBN_LAST_COMBINE", "1") != "0"
 
 
-def _last_combine(combine_kernel: str, split: int | None = None,
-                  block_c: int | None = None) -> bool:
+def _last_combine(combine_kernel: str, split: int, block_c: int) -> bool:
     """Whether this pass's combine runs in its reduce launch's last program: forced
     either way, else by default where that program's sweep is short
-    (heuristics.last_combine_fits for the reduce launch's split and BLOCK_C, when
-    given), unless the combine kernel's config is forced."""
+    (heuristics.last_combine_fits for the reduce launch's split and BLOCK_C), unless
+    the combine kernel's config is forced."""
     mode = _overrides["combine"]
     if mode is not None:
         return mode == "last"
     return (_LAST_COMBINE and _overrides[combine_kernel] is None
-            and (split is None or heuristics.last_combine_fits(split, block_c)))
+            and heuristics.last_combine_fits(split, block_c))
 
 
 # Arrival counters of the last-program combine, one int32 per channel block, per
