@@ -746,6 +746,55 @@ def test_timm_batchnorm_act_that_computes_more_stays(act, drop):
                make_input((2, 3, 3, 2), mean=-1.0))
 
 
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm.layers.norm_act.SyncBatchNormAct as timm 1.0 writes it (what its
+    convert_sync_batchnorm makes of a BatchNormAct2d): torch's SyncBatchNorm, then
+    self.drop and self.act where they are set."""
+    __module__ = "timm.layers.norm_act"
+
+    def forward(self, x):
+        x = super().forward(x)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
+
+
+def _sync_norm_act(act, drop, group=None):
+    m = SyncBatchNormAct(3, momentum=None, process_group=group)
+    m.act, m.drop = act, drop
+    return m
+
+
+@pytest.mark.parametrize("act,activation", [(nn.Hardswish(), "hardswish"), (nn.Identity(), None)])
+def test_timm_sync_batchnorm_act_becomes_sync_batchnorm_with_its_activation(act, activation):
+    """Without a process group (or in eval) a SyncBatchNorm is BatchNorm: the converted
+    module equals timm's, keeps its process group, Parameters and state_dict keys."""
+    group = object()  # carried over as it is; no collective runs without a process group
+    ref = nn.Sequential(nn.Conv2d(3, 3, 1), _sync_norm_act(act, nn.Dropout(0.0), group)).to(DEVICE)
+    keys, params = list(ref.state_dict()), [id(p) for p in ref.parameters()]
+    out = tritonbn.convert(ref)
+    assert type(out[1]) is tritonbn.SyncBatchNorm and out[1].activation == activation
+    assert out[1].process_group is group and out[1].momentum is None
+    assert list(out.state_dict()) == keys and [id(p) for p in out.parameters()] == params
+    ref = nn.Sequential(nn.Conv2d(3, 3, 1), _sync_norm_act(copy.deepcopy(act), nn.Dropout(0.0)))
+    ref = ref.to(DEVICE)
+    ref.load_state_dict(out.state_dict())
+    out[1].process_group = None
+    x = make_input((2, 3, 3, 2), memory_format=CL)
+    for mode in (True, False):
+        ref.train(mode)
+        out.train(mode)
+        check_same(ref, out, x)
+
+
+def test_timm_sync_batchnorm_act_that_computes_more_stays():
+    ref = nn.Sequential(_sync_norm_act(nn.Hardtanh(), nn.Identity()))
+    out, rows = tritonbn.convert(ref, report=True)
+    assert type(out[0]) is SyncBatchNormAct and "left alone" in rows[0].note
+
+
 class Counting(nn.Module):
     """A forward that updates a buffer in place, as timm's BatchNormAct2d does."""
 

@@ -61,6 +61,9 @@ MODELS = {
     "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
     "timm_mobilenetv3_small_100": lambda: timm.create_model("mobilenetv3_small_100"),
     "timm_regnety_002": lambda: timm.create_model("regnety_002"),
+    # timm's own SyncBatchNorm conversion: SyncBatchNormAct, with the act and drop
+    "timm_mobilenetv3_small_100_sync": lambda: timm.layers.convert_sync_batchnorm(
+        timm.create_model("mobilenetv3_small_100")),
     # timm's frozen BatchNormAct2d: FrozenBatchNormAct2d
     "timm_efficientnet_b0_frozen": lambda: timm.layers.freeze_batch_norm_2d(
         timm.create_model("efficientnet_b0")),
@@ -97,6 +100,8 @@ EXPECTED = {
     "timm_efficientnet_b0": (49, {"tritonbn.BatchNorm2d": 49}, {"silu": 33}, 0),
     "timm_mobilenetv3_small_100": (34, {"tritonbn.BatchNorm2d": 34},
                                    {"hardswish": 18, "relu": 5}, 0),
+    "timm_mobilenetv3_small_100_sync": (34, {"tritonbn.SyncBatchNorm": 34},
+                                        {"hardswish": 18, "relu": 5}, 0),
     "timm_regnety_002": (44, {"tritonbn.BatchNorm2d": 44}, {"relu": 40}, 13),
     "timm_efficientnet_b0_frozen": (49, {"tritonbn.FrozenBatchNorm2d": 49}, {"silu": 33}, 0),
 }

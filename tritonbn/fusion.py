@@ -66,8 +66,9 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
       device and dtype are unchanged. ``training`` is copied. If ``module`` itself is a
       BatchNorm, the new module is returned. The ``Lazy`` modules are left as they are.
       torchvision's and timm's ``FrozenBatchNorm2d`` become
-      :class:`tritonbn.FrozenBatchNorm2d` (the same buffers); timm's ``BatchNormAct2d``
-      and ``FrozenBatchNormAct2d`` become tritonbn's ``BatchNorm2d`` and
+      :class:`tritonbn.FrozenBatchNorm2d` (the same buffers); timm's ``BatchNormAct2d``,
+      ``SyncBatchNormAct`` and ``FrozenBatchNormAct2d`` become tritonbn's
+      ``BatchNorm2d``, ``SyncBatchNorm`` (the same process group) and
       ``FrozenBatchNorm2d`` with their activation, where their ``drop`` computes
       nothing and their ``act`` is fused (recognized by class and module name; neither
       package is imported).
@@ -257,15 +258,25 @@ def _foreign(m: nn.Module, name: str, *packages: str) -> bool:
     return t.__name__ == name and (t.__module__ or "").startswith(packages)
 
 
+# timm's norm-act classes that subclass a torch BatchNorm (by class name) -> (that torch
+# class, the tritonbn class that replaces it)
+_TIMM_NORM_ACT = {"BatchNormAct2d": (nn.BatchNorm2d, BatchNorm2d),
+                  "SyncBatchNormAct": (nn.SyncBatchNorm, SyncBatchNorm)}
+
+
 def _timm_norm_act(m: nn.Module):
-    """(activation, slope) for timm's BatchNormAct2d (a BatchNorm2d subclass
-    whose forward is bn -> self.drop -> self.act; recognized by class and module name,
-    timm is not imported) where drop computes nothing and act is nn.Identity or an
-    activation tritonbn fuses; else None."""
-    if not (_foreign(m, "BatchNormAct2d", "timm.") and isinstance(m, nn.BatchNorm2d)
-            and set(m._modules) == {"drop", "act"}):
+    """(tritonbn class, activation, slope) for timm's BatchNormAct2d (a BatchNorm2d
+    subclass whose forward is bn -> self.drop -> self.act) and SyncBatchNormAct (an
+    nn.SyncBatchNorm subclass with the same tail, what timm's convert_sync_batchnorm
+    makes of a BatchNormAct2d), recognized by class and module name, timm is not
+    imported, where drop computes nothing and act is nn.Identity or an activation
+    tritonbn fuses; else None."""
+    kind = _TIMM_NORM_ACT.get(type(m).__name__)
+    if not (kind is not None and _foreign(m, type(m).__name__, "timm.")
+            and isinstance(m, kind[0]) and set(m._modules) == {"drop", "act"}):
         return None
-    return _drop_act(m)
+    tail = _drop_act(m)
+    return None if tail is None else (kind[1], *tail)
 
 
 def _drop_act(m: nn.Module):
@@ -324,7 +335,8 @@ def _replace_batchnorms(module: nn.Module, memo: dict) -> nn.Module:
         return new
     norm_act = _timm_norm_act(module)
     if norm_act is not None:                 # its drop and act go into the kernel
-        memo[id(module)] = new = _new_batchnorm(BatchNorm2d, module, *norm_act,
+        cls, activation, slope = norm_act
+        memo[id(module)] = new = _new_batchnorm(cls, module, activation, slope,
                                                 keep_hooks=False)
         return new
     cls = _replacement_class(module)
