@@ -7,7 +7,7 @@ command killed at its limit returns only what is already there. So stages write
 into a work directory outside OUTDIR, and after each stage (finished, failed or
 killed at its limit) the whole of it is packed into OUTDIR/gpu_check.tar.gz
 (replaced atomically) next to OUTDIR/summary.txt. Unpack with
-`python perf/gpu_check.py unpack OUTDIR/gpu_check.tar.gz` (README, "On a GPU").
+`python perf/gpu_check.py unpack OUTDIR/gpu_check.tar.gz` (docs/performance.md, "On a GPU").
 
 Stages (default order; limits in seconds, 530 in all, with the environment 535):
   smoke      pytest -m gpu_smoke: each kernel family compiled once, realistic

@@ -299,7 +299,7 @@ def test_convert_sync_batchnorm_keeps_state():
 
 
 def test_convert_then_convert_sync_batchnorm():
-    """The README's recipe: fused modules (a torch.fx GraphModule) made SyncBatchNorm,
+    """The docs' recipe (docs/compile-and-distributed.md): fused modules (a torch.fx GraphModule) made SyncBatchNorm,
     still the same function (no process group here: no collective)."""
     from tritonbn.demo import res_net
 

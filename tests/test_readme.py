@@ -92,3 +92,12 @@ def test_demo_runs_from_a_shell_without_triton_interpret():
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "OK: worst difference" in proc.stdout and "fused with their ReLU" in proc.stdout
+
+
+def test_readme_links_every_doc_and_each_link_resolves():
+    """The README leads with the basics and links the reference in docs/: every link
+    to a docs/ file names a file that exists, and every docs/ file is linked."""
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)#]+)\)", readme))
+    present = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")}
+    assert linked and linked == present, (linked, present)
