@@ -61,6 +61,10 @@ MODELS = {
     "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
     "timm_mobilenetv3_small_100": lambda: timm.create_model("mobilenetv3_small_100"),
     "timm_regnety_002": lambda: timm.create_model("regnety_002"),
+    # timm's own GELU module (get_act_layer("gelu")), in its BatchNormAct2d too
+    "timm_resnet18_gelu": lambda: timm.create_model("resnet18", act_layer="gelu"),
+    "timm_efficientnet_b0_gelu_tanh": lambda: timm.create_model("efficientnet_b0",
+                                                                act_layer="gelu_tanh"),
     # timm's own SyncBatchNorm conversion: SyncBatchNormAct, with the act and drop
     "timm_mobilenetv3_small_100_sync": lambda: timm.layers.convert_sync_batchnorm(
         timm.create_model("mobilenetv3_small_100")),
@@ -102,6 +106,8 @@ EXPECTED = {
                                    {"hardswish": 18, "relu": 5}, 0),
     "timm_mobilenetv3_small_100_sync": (34, {"tritonbn.SyncBatchNorm": 34},
                                         {"hardswish": 18, "relu": 5}, 0),
+    "timm_resnet18_gelu": (20, {"tritonbn.BatchNorm2d": 20}, {"gelu": 17}, 8),
+    "timm_efficientnet_b0_gelu_tanh": (49, {"tritonbn.BatchNorm2d": 49}, {"gelu_tanh": 33}, 0),
     "timm_regnety_002": (44, {"tritonbn.BatchNorm2d": 44}, {"relu": 40}, 13),
     "timm_efficientnet_b0_frozen": (49, {"tritonbn.FrozenBatchNorm2d": 49}, {"silu": 33}, 0),
 }

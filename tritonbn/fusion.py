@@ -76,7 +76,7 @@ def convert(module: nn.Module, *, fuse_activation: bool = True, report: bool = F
       ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` and
       ``nn.GELU(approximate="tanh")``, ``nn.ReLU6`` (and ``nn.Hardtanh(0, 6)``),
       ``nn.Hardswish``, ``nn.Hardsigmoid``, ``nn.Mish``, ``nn.ELU`` (with its alpha),
-      their functional forms (``F.relu``, ``torch.relu``, ``x.relu()``,
+      timm's ``GELU`` and ``GELUTanh`` (by class name), their functional forms (``F.relu``, ``torch.relu``, ``x.relu()``,
       ``F.leaky_relu``, ``F.silu``, ``F.gelu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``,
       ``F.hardswish``, ``F.hardsigmoid``, ``F.mish``, ``F.elu``; in-place variants
       too), and a residual added between them (``act(bn(x) + other)``,
@@ -392,7 +392,15 @@ def _module_activation(m):
         return _GELUS[m.approximate], None
     if t in (nn.ReLU6, nn.Hardtanh) and _relu6_bounds(m.min_val, m.max_val):
         return "relu6", None
+    for name, activation in _TIMM_ACTIVATIONS.items():
+        if _foreign(m, name, "timm.") and not m._modules and not m._parameters:
+            return activation, None
     return None
+
+
+# timm's own activation modules with torch's formula (what timm.layers.get_act_layer
+# gives for "gelu" and "gelu_tanh"; its other names give torch's modules), by class name
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh"}
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
