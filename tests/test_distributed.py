@@ -6,6 +6,7 @@ match one process's float64 torch BatchNorm over the whole batch: outputs, input
 grads, the weight/bias grads summed over processes, running stats and
 num_batches_tracked.
 """
+import contextlib
 import copy
 import functools
 import os
@@ -32,8 +33,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn):
-    dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _entry(rank, world, port, fn, backend=BACKEND):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         torch.manual_seed(0)
@@ -42,10 +45,11 @@ def _entry(rank, world, port, fn):
         dist.destroy_process_group()
 
 
-def spawn(world, fn):
-    """fn(rank, world) in `world` processes with a gloo group; a failure in any fails here."""
+def spawn(world, fn, backend=BACKEND):
+    """fn(rank, world) in `world` processes with a gloo (or `backend`) group; a failure in
+    any fails here."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or DEVICE == "cuda"
-    mp.spawn(_entry, args=(world, _port(), fn), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, _port(), fn, backend), nprocs=world, join=True)
 
 
 # ----------------------------------------------------------------------------- one case
@@ -330,6 +334,114 @@ def _model_compiled(rank, world):
     assert [_Graphs.collectives(gm) for gm in graphs.forward] == [["all_gather_into_tensor"] * 2,
                                                                   []]
     assert [_Graphs.collectives(gm) for gm in graphs.backward] == [["all_reduce"] * 2, []]
+
+
+class TorchNet(nn.Module):
+    """SyncNet in torch.nn modules and functions, with the same state_dict keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        return nn.functional.silu(self.bn2(self.conv2(torch.relu(self.bn1(a)))) + a)
+
+
+def _loss(y):
+    return (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum()
+
+
+def _graph_step(rank, world, compiled=False):
+    """A whole training step (forward, backward, SGD) of SyncNet syncing over a group of
+    one (distributed._MIN_WORLD = 1: collectives all the same), eager or compiled
+    (fullgraph, aot_eager). On a GPU (NCCL) the step is captured once in a CUDA graph
+    and replayed on new data; on the CPU (gloo) it just runs. Either way it equals
+    torch.nn's TorchNet, run eagerly on the same batches: losses, parameters, running
+    stats and num_batches_tracked; and it takes 2 gathers forward and 2 reduces
+    backward (counted in the capture, or in the compiled graphs)."""
+    from tritonbn import distributed as tbn_dist
+
+    tbn_dist._MIN_WORLD = 1
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SyncNet().to(DEVICE).to(memory_format=torch.channels_last)
+    ref = TorchNet().to(DEVICE).to(memory_format=torch.channels_last)
+    ref.load_state_dict(model.state_dict())
+    graphs = _Graphs()
+    run = torch.compile(model, fullgraph=True, backend=graphs) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(4)
+    new_x = lambda: torch.randn(4, 3, 8, 8, generator=g).to(DEVICE)  # noqa: E731
+    static_x = new_x()
+
+    def step(m, o, x):
+        o.zero_grad(set_to_none=False)
+        loss = _loss(m(x))
+        loss.backward()
+        o.step()
+        return loss.detach()
+
+    cuda = DEVICE == "cuda"
+    side = torch.cuda.Stream() if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream())
+    # warm up outside any capture: kernels built, NCCL's communicator made, graphs traced
+    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+        for _ in range(2):
+            step(run, opt, static_x)
+    if cuda:
+        torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        step(ref, opt_ref, static_x)
+    monkey = pytest.MonkeyPatch()
+    counted = _Counted(monkey)
+    if cuda:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = step(run, opt, static_x)
+        replay = graph.replay
+        assert counted.calls == ([] if compiled else ["gather", "gather", "reduce", "reduce"])
+    else:
+        static_loss = torch.zeros(())
+        replay = lambda: static_loss.copy_(step(run, opt, static_x))  # noqa: E731
+    for _ in range(3):
+        x = new_x()
+        static_x.copy_(x)
+        replay()
+        loss_ref = step(ref, opt_ref, x)
+        torch.testing.assert_close(static_loss, loss_ref, atol=1e-4, rtol=1e-4)
+    monkey.undo()
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    if compiled:
+        assert [_Graphs.collectives(gm) for gm in graphs.forward] == [
+            ["all_gather_into_tensor"] * 2]
+        assert [_Graphs.collectives(gm) for gm in graphs.backward] == [["all_reduce"] * 2]
+    elif not cuda:
+        assert counted.calls == ["gather", "gather", "reduce", "reduce"] * 3
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs test_cuda_graph_step_nccl_gpu")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_step_in_a_group_of_one_syncing(compiled):
+    """_graph_step's model and checks on the CPU (gloo, no capture): a group of one that
+    syncs is BatchNorm over its own batch."""
+    spawn(1, functools.partial(_graph_step, compiled=compiled))
+
+
+@pytest.mark.gpu_smoke
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and NCCL need a GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_step_nccl_gpu(compiled):
+    """A SyncBatchNorm model's whole training step, with its NCCL collectives, captured
+    in a CUDA graph and replayed equals eager torch.nn (world of one: the GPU check's
+    one GPU)."""
+    spawn(1, functools.partial(_graph_step, compiled=compiled), backend="nccl")
 
 
 def _same_model(model, eager, got, expected):
