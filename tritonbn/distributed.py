@@ -58,7 +58,8 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
     Statistics are over the batches of every process in ``process_group`` (all of
     them by default) when training with an initialized process group of more than
     one process; otherwise it is a plain tritonbn BatchNorm. Batch sizes may differ
-    between processes, down to one sample.
+    between processes, down to one sample (or none). ``torch.compile(fullgraph=True)``
+    traces it into one graph per process, its exchanges as functional collectives.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group,
