@@ -76,6 +76,44 @@ def test_opcheck_backward(case):
     torch.library.opcheck(torch.ops.tritonbn.batch_norm_backward.default, bargs)
 
 
+@pytest.mark.parametrize("case", ["train-relu-nchw", "train-res-relu-nhwc", "train-res-silu",
+                                  "train-none-momentum-none", "empty"])
+def test_opcheck_sync_ops(case):
+    """SyncBatchNorm's ops under torch.compile (library.sync_batch_stats, and batch_norm's
+    backward with a group): local stats, the combine of [3, world, C] gathered ones
+    (this process's and another's), the grad sums and dx from summed ones (here
+    this process's twice), with the count over both."""
+    if case == "empty":  # a process with no sample: zeros to share, empty grads
+        x = make_input((2, 4, 3, 2))[:0]
+        w, b = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
+        rm, rv, nbt = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE), None
+        z, act, slope, momentum, eps = None, "relu", 0.01, 0.1, 1e-5
+    else:
+        stats_args, (x, _, _, w, b, z, _, eps, act, slope) = _args(**CASES[case])
+        _, rm, rv, nbt, momentum, eps = stats_args
+    x, w, b = x.detach(), w.detach(), b.detach()
+    local = torch.ops.tritonbn.local_stats(x)
+    assert local.shape == (3, 1, 4) and (case != "empty" or not local.any())
+    torch.library.opcheck(torch.ops.tritonbn.local_stats.default, (x,))
+    other = x if x.numel() else make_input((2, 4, 3, 2))  # the other process's batch
+    partials = torch.cat([local, torch.ops.tritonbn.local_stats(other)], dim=1)
+    combine_args = (x, partials, rm, rv, nbt, momentum, eps)
+    torch.library.opcheck(torch.ops.tritonbn.combine_stats.default, combine_args)
+    mean, s, count = torch.ops.tritonbn.combine_stats(*combine_args)
+    assert torch.equal(count, torch.full_like(count, (x.numel() + other.numel()) // 4))
+    _, mask = torch.ops.tritonbn.batch_norm(x, mean, s, w, b, z if z is None else z.detach(),
+                                            True, eps, act, slope)
+    dy = make_input(tuple(x.shape), mean=0.3)
+    reload = act not in (None, "relu", "leaky_relu", "relu6") and z is not None
+    grad_args = (dy, x, w, b, z.detach() if reload else None, mean, s, mask)
+    tail = (eps, act, slope)
+    torch.library.opcheck(torch.ops.tritonbn.batch_norm_grad_sums.default,
+                          (*grad_args, *tail, [True, True]))
+    sums = torch.ops.tritonbn.batch_norm_grad_sums(*grad_args, *tail, [True, False])[0] * 2
+    torch.library.opcheck(torch.ops.tritonbn.batch_norm_grad_input.default,
+                          (*grad_args, sums, count, *tail, [True, z is not None]))
+
+
 class Block(nn.Module):
     """Two BatchNorms: one fused with an activation, one with the residual add."""
 

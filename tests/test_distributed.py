@@ -6,6 +6,9 @@ match one process's float64 torch BatchNorm over the whole batch: outputs, input
 grads, the weight/bias grads summed over processes, running stats and
 num_batches_tracked.
 """
+import contextlib
+import copy
+import functools
 import os
 import socket
 
@@ -30,8 +33,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn):
-    dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _entry(rank, world, port, fn, backend=BACKEND):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         torch.manual_seed(0)
@@ -40,10 +45,11 @@ def _entry(rank, world, port, fn):
         dist.destroy_process_group()
 
 
-def spawn(world, fn):
-    """fn(rank, world) in `world` processes with a gloo group; a failure in any fails here."""
+def spawn(world, fn, backend=BACKEND):
+    """fn(rank, world) in `world` processes with a gloo (or `backend`) group; a failure in
+    any fails here."""
     assert os.environ.get("TRITON_INTERPRET") == "1" or DEVICE == "cuda"
-    mp.spawn(_entry, args=(world, _port(), fn), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, _port(), fn, backend), nprocs=world, join=True)
 
 
 # ----------------------------------------------------------------------------- one case
@@ -66,10 +72,57 @@ class _Counted:
                            lambda s, t, real=real, name=name: self.calls.append(name) or real(s, t))
 
 
+class _Graphs:
+    """aot_eager as a torch.compile backend that keeps the forward and backward graphs
+    it compiles, to count the functional collectives in each."""
+
+    def __init__(self):
+        self.forward, self.backward = [], []
+
+    def __call__(self, gm, inputs):
+        from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+        def keep(into):
+            return lambda g, example: into.append(g) or boxed_nop(g, example)
+
+        return aot_eager(gm, inputs, fw_compiler=keep(self.forward),
+                         bw_compiler=keep(self.backward))
+
+    @staticmethod
+    def collectives(gm) -> list:
+        """The functional collectives a graph runs, by name, waits left out."""
+        return [n.target._opname for n in gm.graph.nodes
+                if n.op == "call_function" and getattr(n.target, "namespace", None)
+                == "_c10d_functional" and n.target._opname != "wait_tensor"]
+
+
+class _CompiledCounts:
+    """The collectives a compiled SyncBatchNorm runs per step, read off the graphs
+    each mode (training, eval) compiled on its first step: no mode compiles twice."""
+
+    def __init__(self, graphs):
+        self.graphs, self.seen, self.by_mode = graphs, (0, 0), {}
+
+    def step(self, training) -> list:
+        new = (self.graphs.forward[self.seen[0]:], self.graphs.backward[self.seen[1]:])
+        self.seen = (len(self.graphs.forward), len(self.graphs.backward))
+        if training in self.by_mode:
+            assert new == ([], []), "recompiled"
+        else:
+            assert [len(n) for n in new] == [1, 1], new
+            self.by_mode[training] = (new[0][0], new[1][0])
+        fw, bw = self.by_mode[training]
+        return _Graphs.collectives(fw) + _Graphs.collectives(bw)
+
+
 def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=None,
-               residual=False, momentum=0.1, group=None, ranks=None, steps=2, seed=1):
+               residual=False, momentum=0.1, group=None, ranks=None, steps=2, seed=1,
+               compiled=False):
     """SyncBatchNorm over the processes `ranks` (all by default) of `group`, against
-    float64 torch BatchNorm over the concatenated batch, several steps then eval."""
+    float64 torch BatchNorm over the concatenated batch, several steps then eval.
+    compiled: the module under torch.compile(fullgraph=True, backend aot_eager),
+    also equal bit for bit to an eager copy of itself: outputs, grads, running
+    stats and num_batches_tracked."""
     ranks = ranks or list(range(len(sizes)))
     me = ranks.index(rank)
     C = 5
@@ -86,6 +139,13 @@ def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=Non
     mine = _slices(sizes, me)
     monkey = pytest.MonkeyPatch()
     counted = _Counted(monkey)
+    run = ours
+    if compiled:
+        torch._dynamo.reset()
+        twin = copy.deepcopy(ours, {id(group): group})  # the same group, not a copy
+        graphs = _Graphs()
+        compiled_counts = _CompiledCounts(graphs)
+        run = torch.compile(ours, fullgraph=True, backend=graphs)
     for step in range(steps + 1):
         training = step < steps
         ours.train(training)
@@ -98,8 +158,11 @@ def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=Non
         x = x_all[mine].float().to(DEVICE).to(memory_format=fmt).requires_grad_()
         z = z_all[mine].float().to(DEVICE).requires_grad_() if residual else None
         with poisoned_allocations():
-            y = ours(x, z)
+            y = run(x, z)
             y.backward(dy_all[mine].float().to(DEVICE))
+        if compiled:
+            twin.train(training)
+            _same_as_eager(twin, ours, x, z, dy_all[mine].float().to(DEVICE), y)
         x64 = x_all.to(DEVICE).requires_grad_()
         z64 = z_all.to(DEVICE).requires_grad_() if residual else None
         y64 = reference.activate(ref(x64) + z64 if residual else ref(x64), act, 0.2)
@@ -118,11 +181,37 @@ def check_sync(rank, sizes, spatial=(4, 3), fmt=torch.contiguous_format, act=Non
         assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
         # one all_gather forward and one all_reduce backward when training across
         # processes; none in eval or in a group of one
-        assert counted.calls == (["gather", "reduce"] if training and len(ranks) > 1 else [])
+        synced = training and len(ranks) > 1
+        if compiled:  # the twin's, eager
+            assert counted.calls == (["gather", "reduce"] if synced else [])
+            assert compiled_counts.step(training) == (
+                ["all_gather_into_tensor", "all_reduce"] if synced else [])
+        else:
+            assert counted.calls == (["gather", "reduce"] if synced else [])
         counted.calls.clear()
         ours.zero_grad()
         ref.zero_grad()
+        if compiled:
+            twin.zero_grad()
     monkey.undo()
+
+
+def _same_as_eager(twin, ours, x, z, dy, y):
+    """twin (eager) on the same x, z and dy as ours (compiled) gave y: the same y,
+    grads, running stats and num_batches_tracked, bit for bit."""
+    x2 = x.detach().clone().requires_grad_()
+    z2 = z.detach().clone().requires_grad_() if z is not None else None
+    y2 = twin(x2, z2)
+    y2.backward(dy)
+    same = functools.partial(torch.testing.assert_close, atol=0, rtol=0)
+    same(y, y2)
+    same(x.grad, x2.grad)
+    if z is not None:
+        same(z.grad, z2.grad)
+    for (name, a), b in zip(ours.named_parameters(), twin.parameters()):
+        same(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(ours.state_dict().items(), twin.state_dict().values()):
+        same(a, b, msg=name)
 
 
 # ----------------------------------------------------------------------------- in processes
@@ -155,6 +244,225 @@ def test_three_processes_and_a_subgroup():
     spawn(3, _three)
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+def _two_compiled(rank, world):
+    check_sync(rank, [3, 1], compiled=True)                                  # no activation
+    check_sync(rank, [0, 3], act="relu", steps=1, compiled=True)             # an empty rank
+    check_sync(rank, [2, 3], fmt=torch.channels_last, act="relu", residual=True, compiled=True)
+    check_sync(rank, [1, 4], spatial=(), act="silu", momentum=None, compiled=True)
+    check_sync(rank, [2, 2], spatial=(3, 2, 2), act="gelu", residual=True, steps=1,
+               compiled=True)
+    # the other activations, each with a residual (mask or reload), one step and eval
+    for act in ("leaky_relu", "relu6", "hardswish", "hardsigmoid", "mish", "elu", "gelu_tanh"):
+        check_sync(rank, [2, 1], spatial=(3,), act=act, residual=True, steps=1, compiled=True)
+    singles = [dist.new_group([r]) for r in range(world)]                    # a group of one
+    check_sync(rank, [3, 2], group=singles[rank], ranks=[rank], act="leaky_relu", compiled=True)
+
+
+def _three_compiled(rank, world):
+    check_sync(rank, [2, 1, 4], act="relu", residual=True, momentum=None, compiled=True)
+    sub = dist.new_group([0, 2])
+    if rank != 1:
+        check_sync(rank, [3, 1, 2], group=sub, ranks=[0, 2], act="silu", compiled=True)
+    dist.barrier()
+
+
+def test_two_processes_compiled():
+    """torch.compile(fullgraph=True) of SyncBatchNorm, aot_eager: equal to eager bit for
+    bit and to float64 torch over the whole batch, one functional all_gather in the
+    forward graph and one all_reduce in the backward when training, none in eval or
+    in a group of one."""
+    spawn(2, _two_compiled)
+
+
+def test_three_processes_and_a_subgroup_compiled():
+    spawn(3, _three_compiled)
+
+
+class SyncNet(nn.Module):
+    """The issue's model: conv, SyncBatchNorm(relu), conv, SyncBatchNorm(momentum=None)
+    with the first conv's output as residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = tritonbn.SyncBatchNorm(4, activation="relu")
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = tritonbn.SyncBatchNorm(4, momentum=None, activation="silu")
+
+    def forward(self, x):
+        a = self.conv1(x)
+        return self.bn2(self.conv2(self.bn1(a)), a)
+
+
+def _model_compiled(rank, world):
+    """SyncNet under torch.compile(fullgraph=True): no graph break, one graph, and two
+    training steps then eval equal to eager bit for bit (outputs, input and parameter
+    grads, running stats, num_batches_tracked), with 2 gathers forward and 2 reduces
+    backward per training step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SyncNet().to(DEVICE)
+    model = copy.deepcopy(eager)
+    sizes = [2, 1, 3][:world]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(sum(sizes), 3, 4, 4, generator=g)[_slices(sizes, rank)].to(DEVICE)
+          for _ in range(3)]
+    explained = torch._dynamo.explain(copy.deepcopy(eager))(xs[0])  # runs a step too
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+        explained.break_reasons
+    targets = [str(n.target) for gm in explained.graphs for n in gm.graph.nodes]
+    assert sum("all_gather_into_tensor" in t for t in targets) == 2, targets
+    assert sum("tritonbn.batch_norm" in t for t in targets) == 2, targets
+    torch._dynamo.reset()
+    graphs = _Graphs()
+    compiled = torch.compile(model, fullgraph=True, backend=graphs)
+    for step, x in enumerate(xs):
+        training = step < 2
+        eager.train(training)
+        compiled.train(training)
+        dy = torch.randn(sum(sizes), 4, 4, 4, generator=g)[_slices(sizes, rank)].to(DEVICE)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with poisoned_allocations():
+            y = compiled(x1)
+            y.backward(dy)
+        y_eager = eager(x2)
+        y_eager.backward(dy)
+        _same_model(model, eager, (y, x1.grad), (y_eager, x2.grad))
+    assert len(graphs.forward) == len(graphs.backward) == 2  # training, eval
+    assert [_Graphs.collectives(gm) for gm in graphs.forward] == [["all_gather_into_tensor"] * 2,
+                                                                  []]
+    assert [_Graphs.collectives(gm) for gm in graphs.backward] == [["all_reduce"] * 2, []]
+
+
+class TorchNet(nn.Module):
+    """SyncNet in torch.nn modules and functions, with the same state_dict keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        return nn.functional.silu(self.bn2(self.conv2(torch.relu(self.bn1(a)))) + a)
+
+
+def _loss(y):
+    return (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum()
+
+
+def _graph_step(rank, world, compiled=False):
+    """A whole training step (forward, backward, SGD) of SyncNet syncing over a group of
+    one (distributed._MIN_WORLD = 1: collectives all the same), eager or compiled
+    (fullgraph, aot_eager). On a GPU (NCCL) the step is captured once in a CUDA graph
+    and replayed on new data; on the CPU (gloo) it just runs. Either way it equals
+    torch.nn's TorchNet, run eagerly on the same batches: losses, parameters, running
+    stats and num_batches_tracked; and it takes 2 gathers forward and 2 reduces
+    backward (counted in the capture, or in the compiled graphs)."""
+    from tritonbn import distributed as tbn_dist
+
+    tbn_dist._MIN_WORLD = 1
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SyncNet().to(DEVICE).to(memory_format=torch.channels_last)
+    ref = TorchNet().to(DEVICE).to(memory_format=torch.channels_last)
+    ref.load_state_dict(model.state_dict())
+    graphs = _Graphs()
+    run = torch.compile(model, fullgraph=True, backend=graphs) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(4)
+    new_x = lambda: torch.randn(4, 3, 8, 8, generator=g).to(DEVICE)  # noqa: E731
+    static_x = new_x()
+
+    def step(m, o, x):
+        o.zero_grad(set_to_none=False)
+        loss = _loss(m(x))
+        loss.backward()
+        o.step()
+        return loss.detach()
+
+    cuda = DEVICE == "cuda"
+    side = torch.cuda.Stream() if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream())
+    # warm up outside any capture: kernels built, NCCL's communicator made, graphs traced
+    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+        for _ in range(2):
+            step(run, opt, static_x)
+    if cuda:
+        torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        step(ref, opt_ref, static_x)
+    monkey = pytest.MonkeyPatch()
+    counted = _Counted(monkey)
+    if cuda:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = step(run, opt, static_x)
+        replay = graph.replay
+        assert counted.calls == ([] if compiled else ["gather", "gather", "reduce", "reduce"])
+    else:
+        static_loss = torch.zeros(())
+        replay = lambda: static_loss.copy_(step(run, opt, static_x))  # noqa: E731
+    for _ in range(3):
+        x = new_x()
+        static_x.copy_(x)
+        replay()
+        loss_ref = step(ref, opt_ref, x)
+        torch.testing.assert_close(static_loss, loss_ref, atol=1e-4, rtol=1e-4)
+    monkey.undo()
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    if compiled:
+        assert [_Graphs.collectives(gm) for gm in graphs.forward] == [
+            ["all_gather_into_tensor"] * 2]
+        assert [_Graphs.collectives(gm) for gm in graphs.backward] == [["all_reduce"] * 2]
+    elif not cuda:
+        assert counted.calls == ["gather", "gather", "reduce", "reduce"] * 3
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs test_cuda_graph_step_nccl_gpu")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_step_in_a_group_of_one_syncing(compiled):
+    """_graph_step's model and checks on the CPU (gloo, no capture): a group of one that
+    syncs is BatchNorm over its own batch."""
+    spawn(1, functools.partial(_graph_step, compiled=compiled))
+
+
+@pytest.mark.gpu_smoke
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and NCCL need a GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_step_nccl_gpu(compiled):
+    """A SyncBatchNorm model's whole training step, with its NCCL collectives, captured
+    in a CUDA graph and replayed equals eager torch.nn (world of one: the GPU check's
+    one GPU)."""
+    spawn(1, functools.partial(_graph_step, compiled=compiled), backend="nccl")
+
+
+def _same_model(model, eager, got, expected):
+    same = functools.partial(torch.testing.assert_close, atol=0, rtol=0)
+    for a, b in zip(got, expected):
+        same(a, b)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        same(p.grad, q.grad, msg=name)
+        p.grad = q.grad = None
+    for (name, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        same(a, b, msg=name)
+
+
+def test_model_compiled_two_processes():
+    spawn(2, _model_compiled)
+
+
+def test_model_compiled_three_processes():
+    spawn(3, _model_compiled)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -169,9 +477,10 @@ class Net(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def _ddp(rank, world):
+def _ddp(rank, world, compiled=False):
     """convert_sync_batchnorm + DistributedDataParallel: two SGD steps equal one process's
-    steps on the whole batch (DDP averages the grads, so the loss is taken / world)."""
+    steps on the whole batch (DDP averages the grads, so the loss is taken / world).
+    compiled: the DDP model under torch.compile(fullgraph=True, backend aot_eager)."""
     torch.manual_seed(0)
     ref = Net().to(DEVICE)
     model = Net().to(DEVICE)
@@ -185,7 +494,13 @@ def _ddp(rank, world):
         # in this process only
         nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = \
             lambda self, module: None
+    graphs = _Graphs()
+    torch._dynamo.reset()
+    if compiled == "inner":
+        model = torch.compile(model, fullgraph=True, backend=graphs)
     ddp = nn.parallel.DistributedDataParallel(model)
+    if compiled == "outer":
+        ddp = torch.compile(ddp, backend=graphs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
     sizes = [3, 2]
@@ -207,10 +522,19 @@ def _ddp(rank, world):
         torch.testing.assert_close(total, loss_ref.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(p.double(), q.double(), atol=1e-5, rtol=1e-4, msg=name)
+    if compiled:  # one forward graph and one backward, compiled once for both steps
+        assert [_Graphs.collectives(gm) for gm in graphs.forward] == [
+            ["all_gather_into_tensor"] * 2]
+        assert [_Graphs.collectives(gm) for gm in graphs.backward] == [["all_reduce"] * 2]
 
 
 def test_convert_sync_batchnorm_and_ddp():
     spawn(2, _ddp)
+
+
+@pytest.mark.parametrize("where", ["inner", "outer"])
+def test_convert_sync_batchnorm_and_ddp_compiled(where):
+    spawn(2, functools.partial(_ddp, compiled=where))
 
 
 # ----------------------------------------------------------------------------- one process
@@ -310,3 +634,4 @@ def test_convert_then_convert_sync_batchnorm():
     assert len(syncs) == 6 and sum(m.activation == "relu" for m in syncs) == 5
     x = make_input((2, 3, 8, 8), memory_format=torch.channels_last)
     assert_close(model(x), ref(x).double(), torch.float32, 4)
+

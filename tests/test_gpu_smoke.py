@@ -10,7 +10,9 @@ channel-first, 1-D/2-D/3-D), every dtype, every activation, both residual modes
 small tiles and splits, both paths (split, and single-program where the reduced
 extent is <= 1024), and the small edge cases (one channel, two values per
 channel, odd C, H*W = 49). Other tests marked gpu_smoke: CUDA-graph replay,
-Inductor, no host sync (test_compile.py, test_api.py).
+Inductor, no host sync (test_compile.py, test_api.py), and SyncBatchNorm's
+training step with its NCCL collectives captured in a CUDA graph, eager and
+compiled, on one GPU (test_distributed.py).
 """
 import pytest
 import torch

@@ -8,6 +8,13 @@ running stats with the global count. Backward: the local Σdy', Σdy'·x̂, one
 all_reduce of them (2·C numbers), then the local dx kernel. weight and bias
 grads stay this process's own, as torch's SyncBatchNorm leaves them (DDP
 averages them). Eval, world size 1, or no process group: no collectives.
+
+Eager, the two exchanges are _Collectives' calls, made from Python between the
+kernels. Under torch.compile the same kernels run as custom ops, and the exchanges
+are torch.distributed's functional collectives over the group's name
+(library.py), which dynamo traces: one graph per process, with the process group,
+its size and its name resolved while tracing (constants, guarded), never in the
+graph.
 """
 from __future__ import annotations
 
@@ -24,6 +31,11 @@ class _Collectives:
     def __init__(self, group, world_size: int):
         self.group, self.world_size = group, world_size
 
+    @property
+    def group_name(self) -> str:
+        """The group's name, as torch.compile's functional collectives take it."""
+        return self.group.group_name
+
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """[3, 1, C] (mean, M2, count) of this process -> [3, world, C] of all of them."""
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -35,13 +47,19 @@ class _Collectives:
         dist.all_reduce(sums, group=self.group)
 
 
+# The smallest group whose statistics go through collectives; a test hook (the GPU
+# check's CUDA-graph test sets 1: it has one GPU, and a group of one otherwise skips them)
+_MIN_WORLD = 2
+
+
 class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
     r"""torch.nn.SyncBatchNorm on tritonbn's kernels, with a fused residual add and activation.
 
     Statistics are over the batches of every process in ``process_group`` (all of
     them by default) when training with an initialized process group of more than
     one process; otherwise it is a plain tritonbn BatchNorm. Batch sizes may differ
-    between processes, down to one sample.
+    between processes, down to one sample (or none). ``torch.compile(fullgraph=True)``
+    traces it into one graph per process, its exchanges as functional collectives.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group,
@@ -83,7 +101,7 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
                 and dist.is_initialized()):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
-            if world_size > 1:
+            if world_size >= _MIN_WORLD:
                 comm = _Collectives(group, world_size)
         return self._forward(input, residual, state, args, comm)
 

@@ -130,7 +130,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 comm=None):
     """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked.
     comm: SyncBatchNorm's collectives (distributed.py), for batch statistics over
-    every process's batch; None for this process's own. negative_slope: the
+    every process's batch; None for this process's own. Eager calls run them from
+    Python (comm.gather, comm.reduce); torch.compile traces the functional
+    collectives over comm.group_name instead (library.py). negative_slope: the
     activation's scalar (activation_slope: elu's alpha too)."""
     _check(input, running_mean, running_var, weight, bias, training, eps, comm is not None)
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
@@ -148,7 +150,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
                                     momentum, eps, activation, num_batches_tracked, residual,
                                     negative_slope)
-    if comm is not None or _eager(input):
+    if _eager(input):
         # one autograd.Function around the host ops: SyncBatchNorm's collectives run from
         # Python between them, and eager calls skip the custom ops' dispatch (host time)
         return autograd.batch_norm(input, weight, bias, residual,
@@ -159,14 +161,20 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     # declared. Strides the kernels can tile, copied here once (differentiably) if need
     # be, so that neither op nor the backward copies x again
     input = kernel_view(input)[0]
-    if training:  # statistics are not differentiated: batch_norm's backward covers them
+    momentum = None if momentum is None else float(momentum)
+    count = group = None
+    if training and comm is not None:  # SyncBatchNorm: functional collectives over the group
+        group = comm.group_name
+        mean, s, count = library.sync_batch_stats(input.detach(), running_mean, running_var,
+                                                  num_batches_tracked, momentum, float(eps),
+                                                  group)
+    elif training:  # statistics are not differentiated: batch_norm's backward covers them
         mean, s = library.batch_stats(input.detach(), running_mean, running_var,
-                                      num_batches_tracked,
-                                      None if momentum is None else float(momentum), float(eps))
+                                      num_batches_tracked, momentum, float(eps))
     else:
         mean, s = running_mean, running_var
     return library.batch_norm(input, mean, s, weight, bias, residual, bool(training), float(eps),
-                              activation, float(negative_slope))[0]
+                              activation, float(negative_slope), count, group)[0]
 
 
 def _eager(input) -> bool:

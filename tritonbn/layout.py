@@ -66,12 +66,16 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 # View (or None: no tiling fits) of every (shape, strides) seen; a pure function of
-# them, so cached (issue 14: host time per call), cleared past _MAX_VIEWS entries
+# them, so cached (issue 14: host time per call), cleared past _MAX_VIEWS entries.
+# Not while torch.compile traces: dynamo would guard on the cache's size, and any
+# eager call that adds an entry would then recompile the graph.
 _views: dict = {}
 _MAX_VIEWS = 4096
 
 
 def _cached_view(x: torch.Tensor) -> View | None:
+    if torch.compiler.is_compiling():
+        return _view(x) if _dense(x) else None
     key = (x.shape, x.stride())
     try:
         return _views[key]
