@@ -12,8 +12,8 @@ dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat 
 import triton
 import triton.language as tl
 
-from .common import (RES_MASK, channel_block, channel_params, last_to_arrive, load_dy_xhat,
-                     mask_tile, tile_range, tile_rows)
+from .common import (RES_MASK, TILE_RANGE, channel_block, channel_params, last_to_arrive,
+                     load_dy_xhat, mask_tile, tile_range, tile_rows)
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, inv
                         scale, b, slope, BLOCK_M, BLOCK_C, ACC, ACT, RES)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TILE_RANGE)
 def bwd_reduce_kernel(
     x_ptr, dy_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, partials_ptr, sums_ptr,
     dw_ptr, db_ptr, counter_ptr,
@@ -112,7 +112,7 @@ def combine_grads(partials_ptr, sums_ptr, dw_ptr, db_ptr, c, cmask, C, SPLIT,
         tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TILE_RANGE)
 def bwd_dx_kernel(
     x_ptr, dy_ptr, z_ptr, mask_ptr, dx_ptr, dz_ptr, mean_ptr, s_ptr, w_ptr, b_ptr, sums_ptr,
     count_ptr,

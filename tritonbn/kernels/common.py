@@ -57,6 +57,14 @@ def last_to_arrive(counter_ptr):
     return last
 
 
+# The tile kernels take tiles_per_split unspecialized: Triton specializes an int
+# argument on == 1 and on divisibility by 16, and their registers then changed with
+# the split (32 against 48 in the sm_90 compile of the NCHW fp16 normalize kernel),
+# so that the occupancy the split is sized by (heuristics.SM90_REGISTERS) would not
+# hold for the split it chose.
+TILE_RANGE = ["tiles_per_split"]
+
+
 @triton.jit
 def tile_range(n_tiles, tiles_per_split):
     """The [start, end) tile indices walked by this program's split."""

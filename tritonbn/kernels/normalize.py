@@ -9,11 +9,11 @@ whether act'(pre) is 1 (act_keep), so backward never reads z again.
 import triton
 import triton.language as tl
 
-from .common import (act_keep, activate, channel_block, channel_params, mask_tile, pack_bits,
-                     tile_range, tile_rows)
+from .common import (TILE_RANGE, act_keep, activate, channel_block, channel_params, mask_tile,
+                     pack_bits, tile_range, tile_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TILE_RANGE)
 def normalize_kernel(
     x_ptr, y_ptr, z_ptr, mask_ptr, mean_ptr, s_ptr, w_ptr, b_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split, eps, slope,

@@ -14,10 +14,10 @@ combine, in split order, and resets the counter (the last-program combine).
 import triton
 import triton.language as tl
 
-from .common import channel_block, last_to_arrive, tile_range, tile_rows
+from .common import TILE_RANGE, channel_block, last_to_arrive, tile_range, tile_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TILE_RANGE)
 def stats_partial_kernel(
     x_ptr, partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, counter_ptr,
     C, OUTER, INNER, s_outer, s_c, s_inner, n_inner_tiles, n_tiles, tiles_per_split,
