@@ -112,6 +112,7 @@ def main():
     for name in ops.K.__all__:
         setattr(ops.K, name, getattr(ops.K, name).kernel)
     sass_checks()
+    occupancy_checks()
     for name in ops.K.__all__:
         setattr(ops.K, name, Compile(getattr(ops.K, name)))
     before = len(seen)
@@ -270,46 +271,98 @@ class JitEqual:
                                       text=True, check=True).stdout
                 usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
+            named = dict(zip(fn.arg_names, args), **kwargs)
             self.rows.append(dict(
                 case=self.case, kernel=fn.__name__, grid=tuple(grid), warps=num_warps,
+                combine=bool(named.get("COMBINE", False)),
+                tile=(named.get("BLOCK_M"), named.get("BLOCK_C")),
                 regs=int(re.search(r"REG:(\d+)", usage).group(1)),
                 local=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
                 loads=sorted(set(re.findall(r"\bLDG\.E[.\w]*", sass)))))
         return launch
 
 
+def _jit_equal_step(label, shape, fmt, dtype, residual):
+    """A bn_relu training step over an empty x of shape (and a residual), every launch
+    compiled JIT-equal and not run: (x, its View, JitEqual's rows of the step)."""
+    kernels = {name: getattr(ops.K, name) for name in ops.K.__all__}
+    try:
+        for name, k in kernels.items():
+            setattr(ops.K, name, JitEqual(k, label))
+        x, C, pdt = _input(shape, fmt, dtype)
+        w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
+        nbt = torch.ones((), dtype=torch.int64)
+        z = torch.empty_like(x) if residual else None
+        y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5,
+                                                 "relu", residual=z)
+        ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
+                     (True, True, True, residual), residual=z, mask=mask)
+    finally:
+        for name, k in kernels.items():
+            setattr(ops.K, name, k)
+    return x, v, [r for r in JitEqual.rows if r["case"] == label]
+
+
 def sass_checks():
     """Each SASS_CASES training step, compiled JIT-equal: no kernel uses local memory,
     and where the rows are 16-byte aligned every tile kernel loads 128 bits at a time.
     Prints registers per thread, so a change that raises them shows."""
-    kernels = {name: getattr(ops.K, name) for name in ops.K.__all__}
     failures = []
-    try:
-        for shape, cl, wide in SASS_CASES:
-            layout = "cl" if cl else "nchw" if len(shape) == 4 else "nc"
-            label = f"{'x'.join(map(str, shape))}:{layout}:fp16"
-            for name, k in kernels.items():
-                setattr(ops.K, name, JitEqual(k, label))
-            x, C, pdt = _input(shape, torch.channels_last if cl else None, torch.float16)
-            w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
-            nbt = torch.ones((), dtype=torch.int64)
-            z = torch.empty_like(x)
-            y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5,
-                                                     "relu", residual=z)
-            ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
-                         (True, True, True, True), residual=z, mask=mask)
-            for r in [r for r in JitEqual.rows if r["case"] == label]:
-                print(f"sass {label:22} {r['kernel']:22} grid={r['grid']} warps={r['warps']} "
-                      f"regs={r['regs']} local={r['local']} loads={r['loads']}", flush=True)
-                if r["local"]:
-                    failures.append(f"{label} {r['kernel']}: {r['local']} local-memory instructions")
-                if wide and r["kernel"] in TILE_FNS and "LDG.E.128" not in r["loads"]:
-                    failures.append(f"{label} {r['kernel']}: no 128-bit loads ({r['loads']})")
-    finally:
-        for name, k in kernels.items():
-            setattr(ops.K, name, k)
+    for shape, cl, wide in SASS_CASES:
+        layout = "cl" if cl else "nchw" if len(shape) == 4 else "nc"
+        label = f"{'x'.join(map(str, shape))}:{layout}:fp16"
+        rows = _jit_equal_step(label, shape, torch.channels_last if cl else None,
+                               torch.float16, True)[2]
+        for r in rows:
+            print(f"sass {label:22} {r['kernel']:22} grid={r['grid']} warps={r['warps']} "
+                  f"regs={r['regs']} local={r['local']} loads={r['loads']}", flush=True)
+            if r["local"]:
+                failures.append(f"{label} {r['kernel']}: {r['local']} local-memory instructions")
+            if wide and r["kernel"] in TILE_FNS and "LDG.E.128" not in r["loads"]:
+                failures.append(f"{label} {r['kernel']}: no 128-bit loads ({r['loads']})")
     assert not failures, "\n".join(failures)
     print(f"sass checked {len(JitEqual.rows)} launches", flush=True)
+
+
+# ResNet-50 batch-256 layers whose default grids fill whole waves (tests/test_waves.py),
+# between them every tiling, warps and element size of the table but fp32 channel-first
+OCCUPANCY_CASES = [((256, 64, 56, 56), torch.channels_last, torch.float16),
+                   ((256, 64, 56, 56), torch.channels_last, torch.float32),
+                   ((256, 64, 56, 56), None, torch.float16),
+                   ((256, 256, 14, 14), None, torch.float16)]
+TILE_NAMES = {"stats_partial_kernel": "stats", "normalize_kernel": "normalize",
+              "bwd_reduce_kernel": "bwd_reduce", "bwd_dx_kernel": "dx"}
+
+
+def occupancy_checks():
+    """heuristics.SM90_REGISTERS against the compiler: a bn_relu training step over
+    each OCCUPANCY_CASES layer, compiled JIT-equal; each tile kernel's registers give
+    the programs per SM the table's do, and its grid fills whole waves of them (the
+    launches with the last-program combine in them are not in the table)."""
+    from tritonbn import heuristics
+
+    failures, checked = [], 0
+    for shape, fmt, dtype in OCCUPANCY_CASES:
+        label = f"occupancy {'x'.join(map(str, shape))}:{fmt}:{dtype}"
+        x, v, rows = _jit_equal_step(label, shape, fmt, dtype, False)
+        for r in rows:
+            kernel = TILE_NAMES.get(r["kernel"])
+            if kernel is None or r["combine"]:
+                continue
+            cfg = heuristics.Config(r["tile"][0], r["tile"][1], 1, r["warps"])
+            table = heuristics.sm90_registers(kernel, v, cfg, x.element_size())
+            per_sm = heuristics.resident(r["regs"], r["warps"])
+            programs = r["grid"][0] * r["grid"][1]
+            print(f"{label:50} {kernel:10} regs={r['regs']} table={table} "
+                  f"programs={programs} waves={programs / (per_sm * 132):.2f}", flush=True)
+            checked += 1
+            if table is None or heuristics.resident(table, r["warps"]) != per_sm:
+                failures.append(f"{label} {kernel}: {r['regs']} registers, the table {table}")
+            elif not heuristics.whole_waves(programs, per_sm * 132):
+                failures.append(f"{label} {kernel}: {programs} programs, {per_sm} per SM")
+    assert not failures, "\n".join(failures)
+    print(f"occupancy checked {checked} launches", flush=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,5 +26,8 @@ def test_all_launched_variants_compile_for_sm90():
     # (6 shapes, 4 launches a training step on the split path, 2 on the single-program)
     found = re.search(r"sass checked (\d+) launches", proc.stdout)
     assert found and int(found.group(1)) >= 20, proc.stdout[-2000:]
+    # the registers table the grids are sized by (heuristics.SM90_REGISTERS) holds
+    found = re.search(r"occupancy checked (\d+) launches", proc.stdout)
+    assert found and int(found.group(1)) >= 10, proc.stdout[-2000:]
     found = re.search(r"compiled (\d+) tuning candidates", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]

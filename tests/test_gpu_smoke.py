@@ -172,3 +172,45 @@ def test_smoke_last_program_combine_on_two_streams_at_once():
         assert torch.equal(a, b)
     assert len(ops._counters) >= 2
     assert all(int(c.abs().sum()) == 0 for c in ops._counters.values())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels exist on a GPU only")
+@pytest.mark.parametrize("shape,cl", [((256, 64, 56, 56), True), ((256, 256, 14, 14), False)],
+                         ids=["cl", "nchw"])
+def test_smoke_grids_fill_the_waves_the_registers_allow(shape, cl):
+    """On an sm_90 GPU (H100, H200): a training step's tile kernels, compiled by this
+    GPU's Triton, hold as many programs per SM as heuristics.SM90_REGISTERS says, and
+    their grids fill whole waves of them (issue 15); the launches with the last-program
+    combine in them are not in the table."""
+    from tritonbn import heuristics, tuning
+    from tritonbn.layout import kernel_view
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the registers table is sm_90's")
+    ops._plans.clear()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    m = tritonbn.BatchNorm2d(shape[1], activation="relu", device=DEVICE)
+    x = (torch.randn(shape, device=DEVICE, dtype=F16) + 1.5).to(memory_format=fmt)
+    x.requires_grad_()
+    with tuning.heuristics_only():  # a tuned config's split is its own
+        for _ in range(2):
+            m(x).backward(torch.randn(shape, device=DEVICE, dtype=F16).to(memory_format=fmt))
+    sms, checked, bad = heuristics.sm_count(x.device), 0, []
+    names = {"stats": "stats", "normalize": "normalize", "reduce": "bwd_reduce", "dx": "dx"}
+    v = kernel_view(x)[1]
+    for p in ops._plans.values():
+        for launch, (_, k) in getattr(p, "compiled", {}).items():
+            if launch not in names:  # stats_last, reduce_last, combine, fused
+                continue
+            grid = getattr(p, launch)[0]
+            warps = k.metadata.num_warps
+            cfg = heuristics.heuristic(names[launch], v, x.element_size(), x.device, False)
+            assert cfg.num_warps == warps  # the heuristic's launch, not a tuned one
+            table = heuristics.sm90_registers(names[launch], v, cfg, x.element_size())
+            per_sm = heuristics.resident(k.n_regs, warps)
+            checked += 1
+            if table is None or heuristics.resident(table, warps) != per_sm:
+                bad.append(f"{launch}: {k.n_regs} registers, the table {table}")
+            elif not heuristics.whole_waves(grid[0] * grid[1], per_sm * sms):
+                bad.append(f"{launch}: grid {grid}, {per_sm} programs per SM, {sms} SMs")
+    assert checked >= 2 and not bad, bad

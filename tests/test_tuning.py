@@ -116,7 +116,12 @@ def test_search_space_is_valid_and_starts_from_the_default(shape, fmt, dtype):
         round1 = space.tile_candidates(kernel, v, s, 132, base)
         round2 = space.launch_candidates(kernel, v, 132, round1[-1])
         assert round1[0] == base and round2[0] == round1[-1]
-        assert len(set(round1)) == len(round1) and 2 <= len(round1) <= 18
+        # the default and the grid of tiles x warps (the default's split is in whole
+        # waves on an sm_90, the candidates' asks for programs_per_sm: it may be apart)
+        sp = space.SPACE[kernel]
+        grid = len(sp["tile"]) * len(sp["num_warps"]) * max(
+            len(sp["channel_last_bytes"]), len(sp["channel_first_bytes"]))
+        assert len(set(round1)) == len(round1) and 2 <= len(round1) <= 1 + grid <= 19
         assert len(round2) <= 1 + len(space.SPACE[kernel]["num_stages"]) * len(
             space.SPACE[kernel]["programs_per_sm"])
         for cfg in round1 + round2:

@@ -4,8 +4,10 @@ Tiles hold about TILE elements: on the GPU enough bytes in flight per program to
 stream at bandwidth; under the interpreter (numpy, ~ms per program and per loop
 iteration) as few and as large tiles as possible. The split count targets a few
 waves of programs on the GPU, so a handful of channels with a long reduced axis
-still fills every SM; under the interpreter it stays at 2-4 programs, enough to
-exercise the cross-split combine in every test.
+still fills every SM, and on an sm_90 GPU (H100, H200) a grid of whole waves of the
+programs its registers let each SM hold (SM90_REGISTERS, _sm90_split); under the
+interpreter it stays at 2-4 programs, enough to exercise the cross-split combine in
+every test.
 
 These are the defaults every launch falls back to (and the only configs the
 interpreter uses); tuned configs (tritonbn/tuning) replace them per shape bucket.
@@ -13,6 +15,7 @@ interpreter uses); tuned configs (tritonbn/tuning) replace them per shape bucket
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +136,167 @@ def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interp
     programs = 4 if interpret else programs_per_sm(kernel) * sm_count(device)
     split = split_for(kernel, v, BLOCK_C, programs)
     num_warps = 8 if BLOCK_M * BLOCK_C >= 4096 else 4
+    if not interpret and _plans_sm90(device):
+        split = _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs,
+                            sm_count(device), split)
     return Config(BLOCK_M, BLOCK_C, split, num_warps)
+
+
+# Grids sized by occupancy (issue 15). A tile kernel's programs run in waves of the
+# programs resident at once, SMs x programs per SM, and a last wave that is partly
+# empty leaves SMs idle (the second lease's Nsight Compute, H200: the CL fp16 stats
+# kernel at 256x64x56x56 ran 523 programs at 3 per SM, 1.32 waves, at 36 % of DRAM
+# bandwidth). Where the registers of the kernel compiled for sm_90 are known
+# (SM90_REGISTERS), the split is the one nearest the programs asked for whose grid
+# fills its waves to within WAVE_SLACK, or runs MIN_WAVES waves or more (_sm90_split).
+WAVE_SLACK = 0.05
+MIN_WAVES = 8
+
+# Registers per thread of the tile kernels' default launches compiled for sm_90, by
+# Triton version (the GPU machine's 3.6, the CPU's 3.9), then (kernel, channel-last,
+# warps, element size, BLOCK_M, BLOCK_C, aligned: the contiguous axis's length a
+# multiple of 16, as Triton specializes it): JIT-equal compiles (Triton's binder and
+# specialization) of a bn_relu training step over the ResNet-50 set in fp16 and fp32
+# (bf16 took fp16's within 3 registers), the launches without the last-program
+# combine in them. Registers vary with all of these (32 to 168 for the channel-first
+# dx kernel). tests/compile_sm90.py checks that compiled kernels still hold the
+# programs per SM this table gives; the second lease's Nsight Compute counted the
+# same 73 (stats), 48 (normalize), 94 (bwd_reduce) and 80 (dx) registers for
+# channels_last fp16 at 256x64x56x56, Triton 3.6.
+_SM90_REGISTERS_39 = {
+    ("bwd_reduce", True, 4, 4, 64, 32, True): 80,
+    ("bwd_reduce", True, 8, 2, 64, 64, True): 95,
+    ("dx", False, 4, 2, 256, 8, False): 122,
+    ("dx", False, 4, 2, 64, 32, False): 166,
+    ("dx", False, 4, 4, 1024, 2, True): 38,
+    ("dx", False, 4, 4, 2048, 1, True): 32,
+    ("dx", False, 4, 4, 256, 8, False): 116,
+    ("dx", False, 4, 4, 64, 32, False): 168,
+    ("dx", False, 8, 2, 1024, 4, True): 43,
+    ("dx", False, 8, 2, 4096, 1, True): 32,
+    ("dx", True, 4, 4, 64, 32, True): 68,
+    ("dx", True, 8, 2, 64, 64, True): 80,
+    ("normalize", False, 4, 2, 256, 8, False): 64,
+    ("normalize", False, 4, 2, 64, 32, False): 126,
+    ("normalize", False, 4, 4, 1024, 2, True): 32,
+    ("normalize", False, 4, 4, 2048, 1, True): 32,
+    ("normalize", False, 4, 4, 256, 8, False): 64,
+    ("normalize", False, 4, 4, 64, 32, False): 128,
+    ("normalize", False, 8, 2, 1024, 4, True): 32,
+    ("normalize", False, 8, 2, 4096, 1, True): 32,
+    ("normalize", True, 4, 4, 64, 32, True): 48,
+    ("normalize", True, 8, 2, 64, 64, True): 48,
+    ("stats", True, 4, 4, 64, 32, True): 72,
+    ("stats", True, 8, 2, 64, 64, True): 64,
+}
+SM90_REGISTERS = {
+    "3.9": _SM90_REGISTERS_39,
+    "3.6": {**_SM90_REGISTERS_39,  # where Triton 3.6 differs
+            ("bwd_reduce", True, 8, 2, 64, 64, True): 97,
+            ("dx", False, 4, 2, 256, 8, False): 124,
+            ("dx", False, 4, 4, 1024, 2, True): 32,
+            ("dx", False, 8, 2, 1024, 4, True): 44,
+            ("stats", True, 8, 2, 64, 64, True): 73},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _plans_sm90(device: torch.device) -> bool:
+    """Whether launches on device are planned with sm_90's occupancy: an sm_90 GPU
+    (H100, H200), or no GPU (plans made off the GPU are an H100's, as sm_count)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> str:
+    import triton
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def sm90_registers(kernel: str, v: View, cfg, elem_size: int) -> int | None:
+    """SM90_REGISTERS' entry for the installed Triton of a launch of kernel on cfg
+    (BLOCK_M, BLOCK_C, num_warps) over v; None where it has none."""
+    table = SM90_REGISTERS.get(_triton_version(), {})
+    aligned = (v.C if v.channel_last else v.inner) % 16 == 0
+    return table.get((kernel, v.channel_last, cfg.num_warps, min(elem_size, 4), cfg.BLOCK_M,
+                      cfg.BLOCK_C, aligned))
+
+
+def resident(regs: int, num_warps: int) -> int:
+    """Programs of num_warps warps at regs registers per thread resident on one sm_90
+    SM: 64K registers, allocated per warp in units of 256 (8 a thread), 64 warps,
+    32 programs (shared memory: the tile kernels use a few KB, never the limit)."""
+    warps_by_regs = 65536 // (cdiv(regs, 8) * 8 * 32)
+    return max(1, min(warps_by_regs // num_warps, 64 // num_warps, 32))
+
+
+def wave_fill(programs: int, slots: int) -> float:
+    """The share of its waves' slots (slots: programs resident at once) a grid fills."""
+    return programs / (cdiv(programs, slots) * slots)
+
+
+def whole_waves(programs: int, slots: int) -> bool:
+    return programs >= MIN_WAVES * slots or wave_fill(programs, slots) >= 1 - WAVE_SLACK
+
+
+def n_tiles_of(v: View, BLOCK_M: int) -> int:
+    """Tiles of the reduced axis a tile kernel's splits share (plan())."""
+    return cdiv(v.outer, BLOCK_M) if v.channel_last else v.outer * cdiv(v.inner, BLOCK_M)
+
+
+def wave_rank(programs: int, slots: int, target: int) -> tuple:
+    """How a grid of `programs` ranks, lowest first: whole waves of `slots` (whole_waves),
+    then the fuller last wave, then the nearer `target` programs by ratio."""
+    whole = whole_waves(programs, slots)
+    return (not whole, 0.0 if whole else -wave_fill(programs, slots),
+            abs(math.log(programs / target)))
+
+
+def wave_split(n_tiles: int, blocks: int, slots_of, target: int, cap: int):
+    """The split of n_tiles tiles (at most cap) whose grid of blocks channel blocks x
+    splits ranks first by wave_rank in waves of slots_of(split) programs (None: that
+    split is not to be taken); None where none is. Only splits plan() keeps as they
+    are count (none empty), up to the first past 4 x target programs and MIN_WAVES
+    waves (the next such split is at most twice the last)."""
+    best, best_rank = None, None
+    for s in range(1, min(n_tiles, cap) + 1):
+        slots = slots_of(s)
+        if blocks * s > 2 * max(4 * target, MIN_WAVES * (slots or 0)):
+            break
+        if slots is None or cdiv(n_tiles, cdiv(n_tiles, s)) != s:
+            continue
+        rank = wave_rank(blocks * s, slots, target)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = s, rank
+    return best
+
+
+def _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs, sms, split):
+    """The heuristic's split for an sm_90 GPU of `sms` SMs, in waves (wave_split) of
+    the programs SM90_REGISTERS' registers let each SM hold; `split` (asked for
+    `programs`) where the table does not know the kernel. A reduce kernel whose
+    split takes the last-program combine keeps it (a launch saved; the registers of
+    a launch with the combine in it vary with its BLOCK_S and with how the split
+    divides, so the table has none), and is otherwise sized among the splits that
+    do not take it."""
+    reduce = kernel in REDUCE_KERNELS
+    regs = sm90_registers(kernel, v, Config(BLOCK_M, BLOCK_C, split, num_warps), elem_size)
+    if regs is None or (reduce and last_combine_fits(split_of_plan(v, BLOCK_M, split), BLOCK_C)):
+        return split
+    slots = resident(regs, num_warps) * sms
+    n_tiles = n_tiles_of(v, BLOCK_M)
+    s = wave_split(n_tiles, cdiv(v.C, BLOCK_C),
+                   lambda s: None if reduce and last_combine_fits(s, BLOCK_C) else slots,
+                   programs, 1024 if reduce else n_tiles)
+    return split if s is None else s
+
+
+def split_of_plan(v: View, BLOCK_M: int, split: int) -> int:
+    """The splits plan() launches for an upper bound of `split` (none empty)."""
+    n_tiles = n_tiles_of(v, BLOCK_M)
+    return cdiv(n_tiles, cdiv(n_tiles, max(1, min(split, n_tiles))))
 
 
 # The single-program path (kernels/fused.py): a channel block's whole reduced extent
