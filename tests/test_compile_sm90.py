@@ -16,9 +16,10 @@ def test_all_launched_variants_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     script = pathlib.Path(__file__).with_name("compile_sm90.py")
-    # a cold Triton cache on CI's 2 cores: ~15 min with issue 16's activations
+    # a cold Triton cache on CI's 2 cores: ~20-25 min with issue 16's activations and the
+    # occupancy checks
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=2100)
+                          timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"compiled (\d+) kernel variants", proc.stdout)
     assert found and int(found.group(1)) >= 100, proc.stdout[-2000:]
