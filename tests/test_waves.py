@@ -79,8 +79,9 @@ def _any_whole(v, cfg, slots, kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_resnet50_grids_fill_whole_waves(triton_version, dtype):
-    """Every tile kernel's default launch on the ResNet-50 set (batch 256 and 32, NCHW
-    and channels_last), but the reduce launches that keep the last-program combine:
+    """The default launch of every kernel sized by waves (SIZED_BY_WAVES) on the
+    ResNet-50 set (batch 256 and 32, NCHW and channels_last), but the reduce launches
+    that keep the last-program combine:
     the table knows its registers, and its grid is within WAVE_SLACK of whole waves
     of the programs that fit 132 SMs, or MIN_WAVES waves, wherever a split of its
     tiling can be."""
@@ -89,7 +90,7 @@ def test_resnet50_grids_fill_whole_waves(triton_version, dtype):
         for fmt in (torch.contiguous_format, torch.channels_last):
             x = torch.empty(case.shape, dtype=dtype, device="meta").to(memory_format=fmt)
             v = kernel_view(x)[1]
-            for kernel in heuristics.TILE_KERNELS:
+            for kernel in heuristics.SIZED_BY_WAVES:
                 cfg = heuristics.heuristic(kernel, v, x.element_size(), CPU, False)
                 programs, regs = _launched(kernel, v, cfg, x.element_size())
                 if regs is None:  # the reduce launches that keep their combine
@@ -107,7 +108,19 @@ def test_resnet50_grids_fill_whole_waves(triton_version, dtype):
     # batch 256: the tilings allow whole waves nearly everywhere (the 7x7 layers, fp32,
     # have too few tiles in places), and the grids take them
     assert whole >= 0.9 * sized, (whole, sized)
-    assert combined <= 2 * 2 * len(shapes.cases("resnet50")), combined
+    assert combined <= 2 * len(shapes.cases("resnet50")), combined
+
+
+def test_kernels_not_sized_by_waves_keep_the_old_split():
+    """normalize, bwd_reduce and dx: the programs per SM asked for, as before (their
+    registers change with the activation and the residual; SIZED_BY_WAVES)."""
+    x = torch.empty((256, 64, 56, 56), dtype=torch.float16,
+                    device="meta").to(memory_format=torch.channels_last)
+    v = kernel_view(x)[1]
+    for kernel in set(heuristics.TILE_KERNELS) - set(heuristics.SIZED_BY_WAVES):
+        cfg = heuristics.heuristic(kernel, v, 2, CPU, False)
+        assert cfg.split == heuristics.split_for(
+            kernel, v, cfg.BLOCK_C, heuristics.programs_per_sm(kernel) * 132)
 
 
 def test_without_registers_the_split_is_the_old_one(monkeypatch):

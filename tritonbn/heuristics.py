@@ -4,8 +4,9 @@ Tiles hold about TILE elements: on the GPU enough bytes in flight per program to
 stream at bandwidth; under the interpreter (numpy, ~ms per program and per loop
 iteration) as few and as large tiles as possible. The split count targets a few
 waves of programs on the GPU, so a handful of channels with a long reduced axis
-still fills every SM, and on an sm_90 GPU (H100, H200) a grid of whole waves of the
-programs its registers let each SM hold (SM90_REGISTERS, _sm90_split); under the
+still fills every SM, and on an sm_90 GPU (H100, H200) the statistics kernel's is
+a grid of whole waves of the programs its registers let each SM hold
+(SM90_REGISTERS, SIZED_BY_WAVES, _sm90_split); under the
 interpreter it stays at 2-4 programs, enough to exercise the cross-split combine in
 every test.
 
@@ -147,10 +148,20 @@ def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interp
 # empty leaves SMs idle (the second lease's Nsight Compute, H200: the CL fp16 stats
 # kernel at 256x64x56x56 ran 523 programs at 3 per SM, 1.32 waves, at 36 % of DRAM
 # bandwidth). Where the registers of the kernel compiled for sm_90 are known
-# (SM90_REGISTERS), the split is the one nearest the programs asked for whose grid
-# fills its waves to within WAVE_SLACK, or runs MIN_WAVES waves or more (_sm90_split).
+# (SM90_REGISTERS) and it is sized so (SIZED_BY_WAVES), the split is the one nearest
+# the programs asked for whose grid fills its waves to within WAVE_SLACK, or runs
+# MIN_WAVES waves or more (_sm90_split).
 WAVE_SLACK = 0.05
 MIN_WAVES = 8
+# The kernels whose grids are sized so: those whose registers the table gives for
+# every launch. The statistics kernel has no activation and no residual (64 registers
+# for each of 6 activations, with and without a residual, in the sm_90 compile of the
+# CL fp16 256x64x56x56 layer); normalize, bwd_reduce and dx have them, and their
+# registers moved with them (normalize 48-64, dx 78-127, bwd_reduce 74-127: 2 to 5
+# programs per SM), so a table of bn_relu's would size bn_add_relu's grids for the
+# wrong waves (normalize 1.98 -> 2.38 waves of its own). They keep the programs per SM
+# asked for until the table is keyed by activation and residual.
+SIZED_BY_WAVES = ("stats",)
 
 # Registers per thread of the tile kernels' default launches compiled for sm_90, by
 # Triton version (the GPU machine's 3.6, the CPU's 3.9), then (kernel, channel-last,
@@ -280,10 +291,11 @@ def _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs, sms
     split takes the last-program combine keeps it (a launch saved; the registers of
     a launch with the combine in it vary with its BLOCK_S and with how the split
     divides, so the table has none), and is otherwise sized among the splits that
-    do not take it."""
+    do not take it. Only the kernels in SIZED_BY_WAVES are sized so (see there)."""
     reduce = kernel in REDUCE_KERNELS
     regs = sm90_registers(kernel, v, Config(BLOCK_M, BLOCK_C, split, num_warps), elem_size)
-    if regs is None or (reduce and last_combine_fits(split_of_plan(v, BLOCK_M, split), BLOCK_C)):
+    if (kernel not in SIZED_BY_WAVES or regs is None
+            or (reduce and last_combine_fits(split_of_plan(v, BLOCK_M, split), BLOCK_C))):
         return split
     slots = resident(regs, num_warps) * sms
     n_tiles = n_tiles_of(v, BLOCK_M)
