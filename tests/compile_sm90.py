@@ -97,8 +97,9 @@ def main():
         for (path, combine), (batch, momentum) in itertools.product(
                 paths, ((True, 0.1), (True, None), (False, 0.1))):
             with ops.launch_overrides(int64=int64, path=path, combine=combine):
-                y, xk, v, mean, s, _, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum,
-                                                      1e-5, act)
+                # count: the module's num_batches_tracked += 1 in the statistics launch
+                y, xk, v, mean, s, _, _, _ = ops.forward(x, w, b, rm, rv, nbt, batch, momentum,
+                                                         1e-5, act, count=batch)
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                              (True, affine, affine, False))
                 ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
@@ -147,8 +148,9 @@ def residual_variants(cases):
             if residual is None and act in (None, "relu"):
                 continue  # compiled above
             with ops.launch_overrides(int64=int64, path=path):
-                y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, None, batch, 0.1,
-                                                         1e-5, act, residual=residual, slope=0.1)
+                y, xk, v, mean, s, mask, _, _ = ops.forward(x, w, b, rm, rv, None, batch, 0.1,
+                                                            1e-5, act, residual=residual,
+                                                            slope=0.1)
                 for needs in ((True, True, True, True), (False, False, False, True)):
                     ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, batch, 1e-5, act,
                                  needs, slope=0.1, residual=residual, mask=mask)
@@ -166,8 +168,8 @@ def fused_tiles():
         w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
         z = torch.empty_like(x)
         with ops.launch_overrides(path="fused"):
-            y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5,
-                                                     "relu", residual=z)
+            y, xk, v, mean, s, mask, _, _ = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5,
+                                                        "relu", residual=z)
             ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
                          (True, True, True, True), residual=z, mask=mask)
 
@@ -190,8 +192,8 @@ def sync_variants(cases):
     for (shape, fmt), dtype, act in itertools.product(cases, TYPES_FLOAT, (None, "relu")):
         x, C, pdt = _input(shape, fmt, dtype)
         w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
-        y, xk, v, mean, s, mask, count = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5, act,
-                                                     comm=_OneProcess)
+        y, xk, v, mean, s, mask, count, _ = ops.forward(x, w, b, rm, rv, None, True, 0.1, 1e-5,
+                                                        act, comm=_OneProcess)
         ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, act,
                      (True, True, True, False), comm=_OneProcess, count=count)
 
@@ -293,8 +295,8 @@ def _jit_equal_step(label, shape, fmt, dtype, residual):
         w, b, rm, rv = (torch.empty(C, dtype=pdt) for _ in range(4))
         nbt = torch.ones((), dtype=torch.int64)
         z = torch.empty_like(x) if residual else None
-        y, xk, v, mean, s, mask, _ = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5,
-                                                 "relu", residual=z)
+        y, xk, v, mean, s, mask, _, _ = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5,
+                                                    "relu", residual=z, count=True)
         ops.backward(torch.empty_like(y), xk, v, mean, s, w, b, True, 1e-5, "relu",
                      (True, True, True, residual), residual=z, mask=mask)
     finally:

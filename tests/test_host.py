@@ -3,6 +3,7 @@ autograd.Function with cached launch plans; torch.compile runs the custom ops.
 Both must give the same numbers bit for bit, a plan must never be reused for a
 call it was not made for, the errors are torch's, and the host-time benchmark
 runs end to end."""
+import contextlib
 import json
 import os
 import subprocess
@@ -406,3 +407,94 @@ def test_fast_launch_is_off_by_environment():
     assert fast() == "True"
     assert fast(TRITONBN_FAST_LAUNCH="0") == "False"
     assert fast(TRITON_INTERPRET="1") == "False"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="stubs the interpreter's launcher")
+@pytest.mark.parametrize("path,combine", [("fused", None), ("split", "last"), ("split", "kernel")])
+def test_the_statistics_kernel_counts_the_batch(path, combine):
+    """num_batches_tracked += 1 is done by the statistics launch, not by a host add of
+    its own: with every launch stubbed the count stays, with them it equals torch's
+    after each step, running stats too."""
+    from tritonbn.perf.host import stubbed_launches
+
+    ours, theirs = tritonbn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = make_input((4, 3, 5, 5))
+    with ops.launch_overrides(path=path, combine=combine):
+        with stubbed_launches():
+            ours(x)
+        assert ours.num_batches_tracked.item() == 0
+        for step in range(1, 4):
+            torch.testing.assert_close(ours(x), theirs(x))
+            assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="stubs the interpreter's launcher")
+def test_the_host_counts_where_the_kernels_cannot():
+    """momentum=None (its kernels read the count), an empty batch and a refused input
+    count on the host, as torch's module does (the last before F.batch_norm's check);
+    eval and track_running_stats=False count nothing."""
+    from tritonbn.perf.host import stubbed_launches
+
+    def both(**kw):
+        return tritonbn.BatchNorm2d(3, **kw), torch.nn.BatchNorm2d(3, **kw)
+
+    ours, theirs = both(momentum=None)
+    with stubbed_launches():
+        ours(make_input((2, 3, 4, 4)))
+    assert ours.num_batches_tracked.item() == 1  # added before the (stubbed) kernel
+    for bad in (torch.randn(1, 3, 1, 1), torch.randn(0, 3, 4, 4)):
+        ours, theirs = both()
+        for m in (ours, theirs):
+            try:
+                m(bad)
+            except ValueError as e:
+                assert "more than 1 value" in str(e)
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
+    ours, theirs = both()
+    ours.eval(), theirs.eval()
+    x = make_input((2, 3, 4, 4))
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 0
+    ours, theirs = both(track_running_stats=False)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked is theirs.num_batches_tracked is None
+
+
+def test_the_backward_kept_on_the_forward_plan_follows_launch_overrides(monkeypatch):
+    """A single-program forward keeps its backward's plan (issue 14: host time): found
+    once, then reused step after step; a launch_overrides block started or ended
+    between a forward and its backward makes the backward choose again."""
+    spies = {name: _Launches(getattr(ops.K, name)) for name in ("fused_backward_kernel",
+                                                                 "bwd_reduce_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(ops.K, name, spy)
+    found = []
+    plan = ops._backward_plan
+    monkeypatch.setattr(ops, "_backward_plan", lambda *a: found.append(1) or plan(*a))
+    bn = tritonbn.BatchNorm2d(4, activation="relu", device=DEVICE)
+    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.ReLU()).to(DEVICE)
+
+    def step(block=False, backward_path=None):
+        for spy in spies.values():
+            spy.seen.clear()
+        found.clear()
+        x = make_input((3, 4, 5, 6), requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        y, yr = bn(x), ref(xr)
+        dy = make_input((3, 4, 5, 6), mean=0.3)
+        with ops.launch_overrides(path=backward_path) if block else contextlib.nullcontext():
+            y.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(x.grad, xr.grad)
+        return [n for n, spy in spies.items() if spy.seen], len(found)
+
+    assert step() == (["fused_backward_kernel"], 1)
+    assert step() == (["fused_backward_kernel"], 0)  # kept: nothing chosen again
+    assert step(True) == (["fused_backward_kernel"], 1)  # a block: chosen again, the same
+    assert step(True, "split") == (["bwd_reduce_kernel"], 1)
+    assert step() == (["fused_backward_kernel"], 1)  # the blocks' epochs have passed
+    assert step() == (["fused_backward_kernel"], 0)
+    torch.testing.assert_close(bn.weight.grad, ref[0].weight.grad)
+    torch.testing.assert_close(bn.bias.grad, ref[0].bias.grad)

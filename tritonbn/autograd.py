@@ -21,30 +21,36 @@ class Spec:
     """What a call knows besides its differentiable inputs (x, weight, bias, residual):
     one argument instead of nine, since autograd looks at each argument of apply."""
     __slots__ = ("running_mean", "running_var", "num_batches_tracked", "batch", "momentum",
-                 "eps", "activation", "slope", "comm")
+                 "eps", "activation", "slope", "comm", "count")
 
     def __init__(self, running_mean, running_var, num_batches_tracked, batch, momentum, eps,
-                 activation, slope, comm=None):
+                 activation, slope, comm=None, count=False):
         self.running_mean, self.running_var = running_mean, running_var
         self.num_batches_tracked, self.batch, self.momentum = num_batches_tracked, batch, momentum
         self.eps, self.activation, self.slope, self.comm = eps, activation, slope, comm
+        self.count = count  # num_batches_tracked += 1 (ops.forward)
 
 
 def _forward(x, weight, bias, residual, spec: Spec):
     """ops.forward of a call."""
     return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
                        spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
-                       spec.activation, residual=residual, slope=spec.slope, comm=spec.comm)
+                       spec.activation, residual=residual, slope=spec.slope, comm=spec.comm,
+                       count=spec.count)
 
 
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, spec: Spec):
-        y, xk, v, mean, s, mask, count = _forward(x, weight, bias, residual, spec)
-        mode = ops.residual_mode(spec.activation, residual is not None)
-        ctx.save_for_backward(xk, weight, bias, mean, s, mask if mode == ops.RES_MASK else None,
-                              residual if mode == ops.RES_RELOAD else None, count)
-        ctx.view, ctx.spec = v, spec
+        y, xk, v, mean, s, mask, count, plan = _forward(x, weight, bias, residual, spec)
+        if residual is None:  # the common case, with the fewest saved tensors (host time)
+            ctx.save_for_backward(xk, weight, bias, mean, s, count)
+        else:
+            mode = ops.residual_mode(spec.activation, True)
+            ctx.save_for_backward(xk, weight, bias, mean, s, count,
+                                  mask if mode == ops.RES_MASK else None,
+                                  residual if mode == ops.RES_RELOAD else None)
+        ctx.view, ctx.spec, ctx.plan = v, spec, plan
         return y
 
     @staticmethod
@@ -57,11 +63,12 @@ class BatchNormFunction(torch.autograd.Function):
 def _backward(ctx, dy):
     """The kernels' backward; grad mode is off (autograd's default in backward), so
     nothing here records a graph."""
-    x, weight, bias, mean, s, mask, residual, count = ctx.saved_tensors
+    x, weight, bias, mean, s, count, *kept = ctx.saved_tensors
+    mask, residual = kept or (None, None)
     spec = ctx.spec
     dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, spec.batch, spec.eps,
-                                  spec.activation, ctx.needs_input_grad[:4], slope=spec.slope,
-                                  residual=residual, mask=mask, comm=spec.comm, count=count)
+                                  spec.activation, ctx.needs_input_grad[:4], spec.slope,
+                                  residual, mask, spec.comm, count, ctx.plan)
     return dx, dw, db, dz, None
 
 

@@ -126,23 +126,42 @@ def _fusable(input, residual) -> bool:
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                activation, num_batches_tracked=None, *, residual=None, negative_slope=0.01,
-                comm=None):
+                activation, num_batches_tracked=None, residual=None, negative_slope=0.01,
+                comm=None, count=False):
     """batch_norm with momentum=None allowed: the cumulative average over num_batches_tracked.
     comm: SyncBatchNorm's collectives (distributed.py), for batch statistics over
     every process's batch; None for this process's own. Eager calls run them from
     Python (comm.gather, comm.reduce); torch.compile traces the functional
     collectives over comm.group_name instead (library.py). negative_slope: the
-    activation's scalar (activation_slope: elu's alpha too)."""
-    _check(input, running_mean, running_var, weight, bias, training, eps, comm is not None)
+    activation's scalar (activation_slope: elu's alpha too). count: the module's
+    num_batches_tracked += 1 for this batch, before anything reads it: in the eager
+    kernels' launches (ops.forward), else here; and, as torch's module counts before
+    F.batch_norm checks its input, also when the input is refused."""
+    try:
+        _check(input, running_mean, running_var, weight, bias, training, eps, comm is not None)
+    except Exception:
+        if count:
+            num_batches_tracked.add_(1)
+        raise
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("batch_norm(): momentum must be a float (momentum=None needs the "
                         "module's num_batches_tracked)")
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or not _fusable(input, residual):
             y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                            eps, None, num_batches_tracked, comm=comm)
+                            eps, None, num_batches_tracked, comm=comm, count=count)
             return reference.activate(y + residual, activation, negative_slope)
+    if _eager(input) and ops.uses_triton(input):
+        # one autograd.Function around the host ops: SyncBatchNorm's collectives run from
+        # Python between them, and eager calls skip the custom ops' dispatch (host time)
+        return autograd.batch_norm(input, weight, bias, residual,
+                                   autograd.Spec(running_mean, running_var, num_batches_tracked,
+                                                 bool(training), momentum, eps, activation,
+                                                 negative_slope, comm, count))
+    if count:  # the other paths count on the host, first: momentum=None reads the count
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        num_batches_tracked = None
     if not ops.uses_triton(input):
         if comm is not None:  # as torch's SyncBatchNorm: collectives need the device kernels
             raise ValueError("SyncBatchNorm expected input tensor to be on GPU (tritonbn: a CUDA "
@@ -150,13 +169,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training,
                                     momentum, eps, activation, num_batches_tracked, residual,
                                     negative_slope)
-    if _eager(input):
-        # one autograd.Function around the host ops: SyncBatchNorm's collectives run from
-        # Python between them, and eager calls skip the custom ops' dispatch (host time)
-        return autograd.batch_norm(input, weight, bias, residual,
-                                   autograd.Spec(running_mean, running_var, num_batches_tracked,
-                                                 bool(training), momentum, eps, activation,
-                                                 negative_slope, comm))
     # torch.compile: the custom ops (library.py), one per stage, with their mutations
     # declared. Strides the kernels can tile, copied here once (differentiably) if need
     # be, so that neither op nor the backward copies x again

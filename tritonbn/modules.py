@@ -48,27 +48,27 @@ class _BatchNormAct:
 
     def _bn_args(self, input, state) -> tuple:
         """torch's _BatchNorm.forward up to its F.batch_norm call, given _state():
-        (running_mean, running_var, training, momentum, num_batches_tracked): the
-        running stats to use, whether to normalize with batch statistics, and the
-        momentum (None with num_batches_tracked for the cumulative average, read on
-        the device)."""
+        (running_mean, running_var, training, momentum, num_batches_tracked, count):
+        the running stats to use, whether to normalize with batch statistics, the
+        momentum (None for the cumulative average over num_batches_tracked, read on
+        the device), and whether the call counts its batch (num_batches_tracked += 1,
+        which torch's module does here and tritonbn's statistics kernel does where it
+        can: functional._batch_norm)."""
         self._check_input_dim(input)
         running_mean, running_var, nbt = state[2], state[3], state[4]
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and nbt is not None:
-            nbt.add_(1)
+        count = self.training and self.track_running_stats and nbt is not None
+        if count:
             if self.momentum is None:
                 momentum = None  # 1/num_batches_tracked, read on the device
-            else:
-                nbt = None
         else:
             nbt = None
         if not self.training:
             return (running_mean, running_var, running_mean is None and running_var is None,
-                    momentum, nbt)
+                    momentum, nbt, count)
         if self.track_running_stats:
-            return running_mean, running_var, True, momentum, nbt
-        return None, None, True, momentum, nbt
+            return running_mean, running_var, True, momentum, nbt, count
+        return None, None, True, momentum, nbt, count
 
     def forward(self, input, residual=None):
         """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
@@ -76,10 +76,10 @@ class _BatchNormAct:
         return self._forward(input, residual, state, self._bn_args(input, state))
 
     def _forward(self, input, residual, state, args, comm=None):
-        running_mean, running_var, training, momentum, nbt = args
+        running_mean, running_var, training, momentum, nbt, count = args
         return _batch_norm(input, running_mean, running_var, state[0], state[1], training,
-                           momentum, self.eps, self.activation, nbt, residual=residual,
-                           negative_slope=self._slope(), comm=comm)
+                           momentum, self.eps, self.activation, nbt, residual, self._slope(),
+                           comm, count)
 
     def _act_repr(self):
         out = f"activation={self.activation!r}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import struct
 
@@ -48,8 +49,11 @@ def residual_mode(activation, has_residual: bool) -> int:
 # and, on the split path, where the combines run (None: by default "last", in the last
 # program of each reduce launch; "kernel": a combine launch of their own). A forced
 # config of a combine kernel means "kernel" for its pass, unless combine says otherwise.
+# "epoch" changes whenever a launch_overrides block starts or ends: what a training
+# forward planned for its backward (_FwdPlan.backward) holds while it is the same.
 _overrides: dict = dict.fromkeys(KERNELS) | {"int64": False, "path": None, "forced": False,
-                                             "combine": None}
+                                             "combine": None, "epoch": 0}
+_epochs = itertools.count(1)
 PATHS = ("split", "fused")
 COMBINES = ("last", "kernel")
 # groups of kernels launch_overrides accepts under one name
@@ -94,6 +98,7 @@ def launch_overrides(int64: bool | None = None, path: str | None = None,
     if combine is not None and combine not in COMBINES:
         raise TypeError(f"launch_overrides: combine must be one of {COMBINES}, got {combine!r}")
     saved = dict(_overrides)
+    _overrides["epoch"] = next(_epochs)
     for name, cfg in configs.items():
         if name not in KERNELS and name not in GROUPS:
             raise TypeError(f"launch_overrides: unknown kernel {name!r}; "
@@ -111,6 +116,7 @@ def launch_overrides(int64: bool | None = None, path: str | None = None,
         yield
     finally:
         _overrides.update(saved)
+        _overrides["epoch"] = next(_epochs)
 
 
 def _fused_tile(x: torch.Tensor, v: View):
@@ -297,8 +303,8 @@ def _capturing(dev: torch.device) -> bool:
 # the stats kernel's arguments beyond the view: its last-program combine's, and those of
 # a launch without it
 _STATS_PARTIAL = ("momentum_hi", "momentum_lo", "eps", "COMBINE", "BLOCK_S", "UPDATE_RUNNING",
-                  "MOMENTUM_FROM_NBT")
-_NO_COMBINE_STATS = (0.0, 0.0, 0.0, False, 1, False, False)
+                  "MOMENTUM_FROM_NBT", "COUNT_BATCH")
+_NO_COMBINE_STATS = (0.0, 0.0, 0.0, False, 1, False, False, False)
 # bwd_reduce's, after its _ACT and RES
 _REDUCE_COMBINE = ("COMBINE", "BLOCK_S", "HAS_DW", "HAS_DB")
 _NO_COMBINE_GRADS = (False, 1, False, False)
@@ -451,7 +457,7 @@ def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked
     grid, args, opts = _launch_combine(
         "stats_combine", "stats_combine_kernel", x, v, split,
         (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, partial_out is not None,
-         count is not None), _COMBINE_STATS)
+         count is not None, False), _COMBINE_STATS)
     K.stats_combine_kernel[grid](
         partials, mean if mean is not None else any_, invstd if invstd is not None else any_,
         running_mean if update else any_, running_var if update else any_,
@@ -462,7 +468,7 @@ def combine_stats(x, v, partials, running_mean, running_var, num_batches_tracked
 
 
 _COMBINE_STATS = ("momentum_hi", "momentum_lo", "eps", "UPDATE_RUNNING", "MOMENTUM_FROM_NBT",
-                  "WRITE_PARTIAL", "STORE_COUNT")
+                  "WRITE_PARTIAL", "STORE_COUNT", "COUNT_BATCH")
 
 
 # the per-channel parameter flags normalize and the backward kernels share (_act_args)
@@ -523,7 +529,7 @@ def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked
         s = torch.empty_like(mean)
         g, a, o = _launch_fused("fused_forward_kernel", x, v, tile, None,
                                 _fused_forward_extra(None, None, eps, None, 0.0, False, False,
-                                                     momentum, update, from_nbt, False),
+                                                     momentum, update, from_nbt, False, False),
                                 _FUSED_FORWARD)
         K.fused_forward_kernel[g](x, x, x, x, mean, mean, mean, s,
                                   running_mean if update else mean,
@@ -537,14 +543,15 @@ def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked
 
 # the single-program forward's arguments beyond the view (_fused_forward_extra)
 _FUSED_FORWARD = ("eps", "slope", "HAS_W", "HAS_B", "ACT", "HAS_RES", "WRITE_MASK",
-                  "momentum_hi", "momentum_lo", "UPDATE_RUNNING", "MOMENTUM_FROM_NBT", "WRITE_Y")
+                  "momentum_hi", "momentum_lo", "UPDATE_RUNNING", "MOMENTUM_FROM_NBT",
+                  "COUNT_BATCH", "WRITE_Y")
 
 
 def _fused_forward_extra(weight, bias, eps, activation, slope, has_z, write_mask, momentum,
-                         update, from_nbt, write_y) -> tuple:
+                         update, from_nbt, count, write_y) -> tuple:
     return (float(eps), float(slope), weight is not None, bias is not None,
             ACTIVATIONS[activation], has_z, write_mask, *_fp32_pair(momentum or 0.0), update,
-            from_nbt, write_y)
+            from_nbt, count, write_y)
 
 
 def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=None,
@@ -560,43 +567,56 @@ def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=No
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None):
+            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None,
+            count=False):
     """y = act(batchnorm(x) [+ residual]): statistics, then apply. Returns y, the x the
     kernels read, its View, the per-channel (mean, s) that backward needs (s is invstd
     for batch statistics, running_var with FROM_VAR for eval), the bit mask backward
     reads under RES_MASK (else None), and the count per channel over every process
     when comm (SyncBatchNorm's collectives, distributed.py) joins the batch statistics
-    of several processes (else None). residual has x's shape, in any strides."""
+    of several processes (else None), and the forward's plan, for backward (None off
+    the planned launches). residual has x's shape, in any strides.
+
+    count (training): the call counts its batch, num_batches_tracked += 1, as torch's
+    module does before F.batch_norm. The planned launches do it in the statistics
+    kernel (issue 14: no add launch of its own, ~3-7 µs of host time a call); the
+    other paths, and momentum=None (whose kernels read the count), add here first."""
     x, v = kernel_view(x)
+    if count and (momentum is None or x.numel() == 0):
+        num_batches_tracked.add_(1)
+        count = False
     if x.numel() == 0:
         mean = s = count = None
         if batch and comm is not None:  # no data here, but the others wait for these stats
             mean, s, count = global_stats(x, v, running_mean, running_var,
                                           num_batches_tracked, momentum, eps, comm)
-        return torch.empty_like(x), x, v, mean, s, None, count
+        return torch.empty_like(x), x, v, mean, s, None, count, None
     # SyncBatchNorm's collectives, and tuning on first use (TRITONBN_AUTOTUNE=1) of the
     # split kernels, go kernel by kernel; everything else from a cached plan
     tile = _fused_tile(x, v)
     if comm is not None or (tile is None and tuning.mode() == 1):
+        if count:
+            num_batches_tracked.add_(1)
         mean, s, count = statistics(x, v, batch, running_mean, running_var,
                                     num_batches_tracked, momentum, eps, comm)
         y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
-        return y, x, v, mean, s, mask, count
+        return y, x, v, mean, s, mask, count, None
     z = like(residual, x) if residual is not None else None
-    y, mean, s, mask = _forward_planned(x, v, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, batch, momentum, eps, activation,
-                                        slope, z, tile if batch else None)
-    return y, x, v, mean, s, mask, None
+    y, mean, s, mask, p = _forward_planned(x, v, weight, bias, running_mean, running_var,
+                                           num_batches_tracked, batch, momentum, eps, activation,
+                                           slope, z, tile if batch else None, count and batch)
+    return y, x, v, mean, s, mask, None, p
 
 
 def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                     momentum, eps, activation, slope, z, tile):
+                     momentum, eps, activation, slope, z, tile, count):
     """forward's launches from a cached plan (issue 14: host time): the same kernels,
     configs and arguments batch_stats and apply would launch, without rebuilding
-    them per call; tile is _fused_tile's (None in eval). Returns y, mean, s and the
-    bit mask (or None)."""
+    them per call; tile is _fused_tile's (None in eval); count: the statistics
+    kernel adds 1 to num_batches_tracked. Returns y, mean, s, the bit mask (or None)
+    and the plan."""
     p = _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                      momentum, eps, activation, slope, z is not None, tile)
+                      momentum, eps, activation, slope, z is not None, tile, count)
     mask = torch.empty_like(p.mask) if p.mask is not None else None
     if p.fused is not None:  # one launch: statistics, running stats, y and the mask
         mean = torch.empty_like(p.stat)
@@ -606,15 +626,15 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
             x, y, z if z is not None else x, mask if mask is not None else x,
             weight if weight is not None else mean, bias if bias is not None else mean, mean, s,
             running_mean if p.update else mean, running_var if p.update else mean,
-            num_batches_tracked if p.from_nbt else mean)
-        return y, mean, s, mask
+            num_batches_tracked if p.nbt else mean)
+        return y, mean, s, mask, p
     if batch:
         partials = torch.empty_like(p.partials)
         mean = torch.empty_like(p.stat)
         s = torch.empty_like(p.stat)
         rm = running_mean if p.update else partials
         rv = running_var if p.update else partials
-        nbt = num_batches_tracked if p.from_nbt else partials
+        nbt = num_batches_tracked if p.nbt else partials
         counter = _counter(x, p.stats[0][0]) if p.stats_last is not None else None
         if counter is not None:  # one launch: the partials, and the combine in the last
             _go(K.stats_partial_kernel, p.stats_last, p.compiled, "stats_last",
@@ -630,18 +650,20 @@ def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_
     _go(K.normalize_kernel, p.normalize, p.compiled, "normalize",
         x, y, z if z is not None else x, mask if mask is not None else x,
         mean, s, weight if weight is not None else s, bias if bias is not None else s)
-    return y, mean, s, mask
+    return y, mean, s, mask, p
 
 
 class _FwdPlan:
     """The launches of one forward signature, built once: (grid, scalar arguments,
-    options) of each kernel, the shapes to allocate, and the running-stat flags."""
+    options) of each kernel, the shapes to allocate, and the running-stat flags; and,
+    for the single-program path, the backward plans (backward) its calls' backward
+    found, by the grads needed, with the launch_overrides epoch they were found in."""
     __slots__ = ("acc", "partials", "stat", "stats", "stats_last", "combine", "normalize",
-                 "mask", "update", "from_nbt", "fused", "compiled")
+                 "mask", "update", "nbt", "fused", "compiled", "backward")
 
 
 def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
-                  momentum, eps, activation, slope, has_z, tile) -> _FwdPlan:
+                  momentum, eps, activation, slope, has_z, tile, count) -> _FwdPlan:
     """The cached plan of this forward signature. Its key holds every input of the
     plan: the view, dtype, device, flags, scalars and each kernel's selected config
     (or the single-program tile), so a newly tuned config, a forced one or other
@@ -659,14 +681,16 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
                 _last_combine("stats_combine", split, cfg_s.BLOCK_C))
     else:
         cfgs = (_select("normalize", x, v),)
-    key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, momentum, eps, activation,
-           slope, weight is not None, bias is not None, has_z, _overrides["int64"], cfgs)
+    key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, count, momentum, eps,
+           activation, slope, weight is not None, bias is not None, has_z, _overrides["int64"],
+           cfgs)
     p = _plans.get(key)
     if p is not None:
         return p
     p = _FwdPlan()
-    p.acc, p.update, p.from_nbt, p.fused = _acc(x.dtype)[0], update, from_nbt, None
+    p.acc, p.update, p.nbt, p.fused = _acc(x.dtype)[0], update, from_nbt or count, None
     p.compiled = {}  # launch name -> (specialization, CompiledKernel): _go
+    p.backward = {}  # needs -> (launch_overrides epoch, _BwdPlan): backward
     mask = residual_mode(activation, has_z) == RES_MASK
     # what a call allocates, as tensors to take empty_like of (half the host time of
     # torch.empty with a dtype and a device: ~1.5 against ~3 µs)
@@ -677,7 +701,8 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
     if tile is not None:
         p.fused = _launch_fused("fused_forward_kernel", x, v, tile, x if mask else None,
                                 _fused_forward_extra(weight, bias, eps, activation, slope, has_z,
-                                                     mask, momentum, update, from_nbt, True),
+                                                     mask, momentum, update, from_nbt, count,
+                                                     True),
                                 _FUSED_FORWARD)
         return _remember(key, p)
     if batch:
@@ -687,15 +712,15 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
         p.partials = _template((3, split, v.C), p.acc, x.device)
         p.combine = _launch_combine(
             "stats_combine", "stats_combine_kernel", x, v, split,
-            (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, False, False),
+            (*_fp32_pair(momentum or 0.0), float(eps), update, from_nbt, False, False, count),
             _COMBINE_STATS)
         p.stats_last = None
         if cfgs[-1]:
             p.stats_last = _launch(
                 "stats", "stats_partial_kernel", x, v, None,
                 (*_fp32_pair(momentum or 0.0), float(eps), True,
-                 heuristics.last_combine_block_s(split, cfgs[0].BLOCK_C), update, from_nbt),
-                _STATS_PARTIAL)
+                 heuristics.last_combine_block_s(split, cfgs[0].BLOCK_C), update, from_nbt,
+                 count), _STATS_PARTIAL)
     p.normalize = _launch(
         "normalize", "normalize_kernel", x, v, x if mask else None,
         (*_act_args(weight, bias, batch, eps, activation, slope), has_z, mask),
@@ -767,15 +792,18 @@ def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activati
     return dx
 
 
-def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs, *,
-             slope=0.01, residual=None, mask=None, comm=None, count=None):
+def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs,
+             slope=0.01, residual=None, mask=None, comm=None, count=None, plan=None):
     """(dx, dweight, dbias, dresidual), each None unless asked for in
     needs = (dx?, dw?, db?, dresidual?). A forward with a residual passes what
     residual_mode kept: the bit mask (RES_MASK) or the residual itself (RES_RELOAD);
     dresidual = dy' needs one of them unless there is no activation (then it is dy).
     With comm (SyncBatchNorm, training) dx takes sum dy' and sum dy' * xhat over
     every process (comm.reduce sums them in place) and their `count` per channel;
-    dweight and dbias stay this process's own, as torch's SyncBatchNorm has them."""
+    dweight and dbias stay this process's own, as torch's SyncBatchNorm has them.
+    plan: what the same call's forward returned as its plan (or None); a
+    single-program plan keeps the backward plan found for these needs, which holds
+    while no launch_overrides block has started or ended since (issue 14: host time)."""
     need_dx, need_dw, need_db, need_dz = needs
     need_dw = need_dw and weight is not None
     need_db = need_db and bias is not None
@@ -792,13 +820,21 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
     dz = None
     if need_dz and activation is None:
         dz, need_dz = dy, False  # y = bn(x) + z: dz = dy
+    kept = plan.backward.get(needs) if plan is not None and plan.fused is not None else None
+    if kept is not None and kept[0] == _overrides["epoch"] and comm is None:
+        dx, dw, db, dz2 = _run_backward(kept[1], dy, x, mean, s, weight, bias, z, mask, need_dx,
+                                        need_dw, need_db, need_dz)
+        return dx, dw, db, dz2 if need_dz else dz
     reduce = need_dw or need_db or (need_dx and batch)
     elementwise = need_dx or need_dz
     tile = _fused_tile(x, v) if comm is None else None
     if comm is None and (tile is not None or tuning.mode() != 1):
-        dx, dw, db, dz2 = _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps,
-                                            activation, slope, z, mask, need_dx, need_dw,
-                                            need_db, need_dz, reduce, tile if reduce else None)
+        p = _backward_plan(x, v, weight, bias, batch, eps, activation, slope, z, mask, need_dx,
+                           need_dw, need_db, need_dz, reduce, tile if reduce else None)
+        if plan is not None and plan.fused is not None:
+            plan.backward[needs] = (_overrides["epoch"], p)
+        dx, dw, db, dz2 = _run_backward(p, dy, x, mean, s, weight, bias, z, mask, need_dx,
+                                        need_dw, need_db, need_dz)
         return dx, dw, db, dz2 if need_dz else dz
     kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if elementwise else ())
     tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
@@ -825,14 +861,14 @@ class _BwdPlan:
                  "compiled")
 
 
-def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, slope, z, mask,
-                      need_dx, need_dw, need_db, need_dz, reduce, tile):
-    """backward's launches from a cached plan (issue 14: host time): the same kernels,
+def _backward_plan(x, v, weight, bias, batch, eps, activation, slope, z, mask, need_dx, need_dw,
+                   need_db, need_dz, reduce, tile) -> _BwdPlan:
+    """The cached plan of backward's launches (issue 14: host time): the same kernels,
     configs and arguments grad_sums and grad_input would launch, without rebuilding
     them per call; tile is _fused_tile's (None without a reduction). Its key, like
     _forward_plan's, holds everything the plan is made of."""
     elementwise = need_dx or need_dz
-    z_ptr, mask_ptr, res = _res(x, z, mask)
+    res = _res(x, z, mask)[2]
     cfgs = tile if tile is not None else ()
     src = tuning.source(x, interpreting()) if tile is None else None
     if reduce and tile is None:
@@ -848,7 +884,7 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
     p = _plans.get(key)
     if p is None:
         p = _BwdPlan()
-        p.acc, p.fused = _acc(x.dtype)[0], None
+        p.acc, p.fused, p.reduce, p.dx = _acc(x.dtype)[0], None, None, None
         p.compiled = {}  # launch name -> (specialization, CompiledKernel): _go
         act = _act_args(weight, bias, batch, eps, activation, slope)
         if tile is not None:
@@ -875,6 +911,13 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
                            (*act, res, False, batch and need_dx, need_dx, need_dz),
                            _ACT + ("RES", "COUNT_FROM_PTR", "TRAINING", "WRITE_DX", "WRITE_DZ"))
         _remember(key, p)
+    return p
+
+
+def _run_backward(p: _BwdPlan, dy, x, mean, s, weight, bias, z, mask, need_dx, need_dw, need_db,
+                  need_dz):
+    """backward's launches of plan p: (dx, dweight, dbias, dz), each None unless needed."""
+    z_ptr, mask_ptr, _ = _res(x, z, mask)
     w = weight if weight is not None else s
     b = bias if bias is not None else s
     sums = dx = dw = db = dz = None
@@ -887,7 +930,7 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
             dx if need_dx else x, dz if need_dz else x, mean, s, w, b,
             dw if need_dw else s, db if need_db else s)
         return dx, dw, db, dz
-    if reduce:
+    if p.reduce is not None:
         partials = torch.empty_like(p.partials)
         sums = torch.empty_like(p.sums)
         dw = torch.empty_like(weight) if need_dw else None
@@ -903,7 +946,7 @@ def _backward_planned(dy, x, v, mean, s, weight, bias, batch, eps, activation, s
                 mean, s, w, b, partials, *(partials,) * 4)
             _go(K.bwd_combine_kernel, p.combine, p.compiled, "combine", partials, sums, dw_ptr,
                 db_ptr)
-    if elementwise:
+    if p.dx is not None:
         dx = torch.empty_like(x) if need_dx else None
         dz = torch.empty_like(x) if need_dz else None
         _go(K.bwd_dx_kernel, p.dx, p.compiled, "dx", x, dy, z_ptr, mask_ptr,

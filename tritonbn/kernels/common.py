@@ -57,6 +57,17 @@ def last_to_arrive(counter_ptr):
     return last
 
 
+@triton.jit
+def count_batch(nbt_ptr, COUNT_BATCH: tl.constexpr):
+    """With COUNT_BATCH, the module's num_batches_tracked += 1, by program 0 of the
+    launch (channel block 0), so that a training step needs no add launch of its own.
+    Never with MOMENTUM_FROM_NBT, whose programs read the count: the host adds first
+    there (ops.forward)."""
+    if COUNT_BATCH:
+        if tl.program_id(0) == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
 # The tile kernels take tiles_per_split unspecialized: Triton specializes an int
 # argument on == 1 and on divisibility by 16, and their registers then changed with
 # the split (32 against 48 in the sm_90 compile of the NCHW fp16 normalize kernel),

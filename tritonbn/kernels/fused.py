@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (RES_MASK, act_keep, activate, channel_affine, channel_block,
-                     channel_params, load_dy_xhat, pack_bits)
+                     channel_params, count_batch, load_dy_xhat, pack_bits)
 
 
 @triton.jit
@@ -56,12 +56,14 @@ def fused_forward_kernel(
     CHANNEL_LAST: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
     WRITE_MASK: tl.constexpr, UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
-    WRITE_Y: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, WRITE_Y: tl.constexpr,
 ):
     """Training forward of a channel block in one program: batch mean and invstd
     (stored for backward), the running stats updated, and with WRITE_Y y = act((x -
     mean) * invstd * w + b [+ z]) stored (without it, the statistics alone: the
-    torch.compile op that only takes them), with WRITE_MASK the bit of act'(pre) == 1."""
+    torch.compile op that only takes them), with WRITE_MASK the bit of act'(pre) == 1;
+    with COUNT_BATCH num_batches_tracked += 1 (count_batch)."""
+    count_batch(nbt_ptr, COUNT_BATCH)
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     offs, rmask = whole_rows(OUTER, INNER, s_outer, s_inner, BLOCK_M, BLOCK_I, CHANNEL_LAST,
                              INT64)

@@ -10,11 +10,16 @@ pass 2  stats_combine_kernel   grid (channel blocks,)
 With COMBINE, pass 2 needs no launch of its own: the last program of each channel
 block to finish its partial (an arrival counter per channel block) runs the same
 combine, in split order, and resets the counter (the last-program combine).
+
+With COUNT_BATCH the combine also counts the batch in the module's
+num_batches_tracked (+= 1, in channel block 0's combine), so that a training step
+launches no add of its own (issue 14).
 """
 import triton
 import triton.language as tl
 
-from .common import TILE_RANGE, channel_block, last_to_arrive, tile_range, tile_rows
+from .common import (TILE_RANGE, channel_block, count_batch, last_to_arrive, tile_range,
+                     tile_rows)
 
 
 @triton.jit(do_not_specialize=TILE_RANGE)
@@ -24,7 +29,7 @@ def stats_partial_kernel(
     momentum_hi, momentum_lo, eps,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_LAST: tl.constexpr,
     INT64: tl.constexpr, ACC: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr, COUNT_BATCH: tl.constexpr,
 ):
     c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
@@ -65,7 +70,7 @@ def stats_partial_kernel(
             combine_stats(partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr,
                           partials_ptr, partials_ptr, c, cmask, C, tl.num_programs(1),
                           momentum_hi, momentum_lo, eps, BLOCK_S, BLOCK_C, UPDATE_RUNNING,
-                          MOMENTUM_FROM_NBT, False, False, ACC)
+                          MOMENTUM_FROM_NBT, False, False, COUNT_BATCH, ACC)
 
 
 @triton.jit
@@ -74,12 +79,12 @@ def stats_combine_kernel(
     C, SPLIT, momentum_hi, momentum_lo, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     MOMENTUM_FROM_NBT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, STORE_COUNT: tl.constexpr,
-    ACC: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, ACC: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     combine_stats(partials_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, nbt_ptr, stats_ptr,
                   count_ptr, c, c < C, C, SPLIT, momentum_hi, momentum_lo, eps, BLOCK_S, BLOCK_C,
-                  UPDATE_RUNNING, MOMENTUM_FROM_NBT, WRITE_PARTIAL, STORE_COUNT, ACC)
+                  UPDATE_RUNNING, MOMENTUM_FROM_NBT, WRITE_PARTIAL, STORE_COUNT, COUNT_BATCH, ACC)
 
 
 @triton.jit
@@ -88,11 +93,12 @@ def combine_stats(
     c, cmask, C, SPLIT, momentum_hi, momentum_lo, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     MOMENTUM_FROM_NBT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, STORE_COUNT: tl.constexpr,
-    ACC: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, ACC: tl.constexpr,
 ):
     """Pass 2 for channels c: the partials [3, SPLIT, C] combined, in split order. Reads
     the partials through L2 (.cg): under the last-program combine other programs
-    wrote them during this launch."""
+    wrote them during this launch. COUNT_BATCH: num_batches_tracked += 1 (count_batch)."""
+    count_batch(nbt_ptr, COUNT_BATCH)
     plane = SPLIT * C
     # Chan's parallel combine in one sweep, in split order: each step's BLOCK_S partials
     # combined (their mean about split 0's, then M2 about theirs), then merged into the
