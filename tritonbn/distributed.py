@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .modules import _BatchNormAct
+from .modules import _BatchNormAct, _new_batchnorm
 
 
 class _Collectives:
@@ -111,8 +111,6 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
         tritonbn.SyncBatchNorm, in place as torch's convert_sync_batchnorm does: the
         new modules share the old ones' Parameters and buffers (so optimizers stay
         valid) and keep training, hooks and a tritonbn module's activation."""
-        from .fusion import _new_batchnorm
-
         out = module
         if (isinstance(module, nn.modules.batchnorm._BatchNorm)
                 and not isinstance(module, (cls, nn.modules.lazy.LazyModuleMixin))):

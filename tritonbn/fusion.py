@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .distributed import SyncBatchNorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm2d, _BatchNormAct
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm2d, _act_kwargs,
+                      _BatchNormAct, _copy_hooks, _new_batchnorm)
 
 __all__ = ["convert", "ConvertRow", "format_report"]
 
@@ -200,55 +201,6 @@ def _replacement_class(m: nn.Module):
                 return None
             return _REPLACEMENTS[cls](m)
     return None
-
-
-_CALL_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
-               "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-_STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                "_load_state_dict_post_hooks")
-
-
-def _act_kwargs(old, activation, slope) -> dict:
-    """activation, negative_slope and alpha of a module replacing old: old's scalars (a
-    tritonbn module's, else the defaults), with slope, the scalar of the activation
-    found after it (leaky_relu's negative_slope, elu's alpha), where there is one."""
-    kw = dict(activation=activation, negative_slope=getattr(old, "negative_slope", 0.01),
-              alpha=getattr(old, "alpha", 1.0))
-    if slope is not None:
-        kw["alpha" if activation == "elu" else "negative_slope"] = slope
-    return kw
-
-
-def _new_batchnorm(cls, old: nn.modules.batchnorm._BatchNorm, activation=None, slope=None,
-                   keep_hooks=None) -> nn.Module:
-    """A tritonbn module of class cls holding old's very Parameters and buffers (and its
-    process group, for a SyncBatchNorm). Its forward/backward hooks too, unless it gets
-    an activation old did not have (keep_hooks=None) or keep_hooks is False."""
-    new = cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-              device="meta", **_act_kwargs(old, activation, slope))
-    for name in list(new._parameters):
-        new._parameters[name] = old._parameters.get(name)
-    for name in list(new._buffers):
-        new._buffers[name] = old._buffers.get(name)
-    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
-    new.training = old.training
-    if hasattr(new, "process_group") and hasattr(old, "process_group"):
-        new.process_group = old.process_group
-    if hasattr(old, "qconfig"):
-        new.qconfig = old.qconfig
-    _copy_hooks(new, old, activation is None if keep_hooks is None else keep_hooks)
-    return new
-
-
-def _copy_hooks(new: nn.Module, old: nn.Module, calls: bool) -> None:
-    """old's state_dict hooks, and (calls) its forward/backward hooks, on new: the same
-    dicts, so that their handles still remove them. A fused module, which returns
-    act(bn(x) + other), is only made for a module without forward/backward hooks, and
-    gets none of the original's later ones."""
-    for attr in _STATE_HOOKS + (_CALL_HOOKS if calls else ()):
-        if attr in old.__dict__:
-            new.__dict__[attr] = old.__dict__[attr]
 
 
 def _foreign(m: nn.Module, name: str, *packages: str) -> bool:

@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import reference
 from . import model, schema, shapes
+from .schema import write_json
 from .summary import summary_rows
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -465,7 +466,7 @@ def measured_ids(paths, device: str, timing: str = "eager") -> set:
     """record_ids of the checked (ok) records in results files of `device` (GPU runs
     only) timed the same way: each path a results JSON or a directory searched
     recursively."""
-    from .report import load
+    from .schema import load
 
     files = []
     for p in paths:
@@ -527,15 +528,6 @@ def default_out(env: dict) -> str:
     if env["interpreter"]:
         slug = "cpu-interpreter"
     return f"tritonbn-bench-{env['date'][:10]}-{slug}.json"
-
-
-def write_json(doc: dict, path: str) -> None:
-    """doc as JSON at path, atomically (a temporary file, then a rename), its folder made."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _merge(doc: dict, path: str) -> dict:

@@ -394,15 +394,7 @@ def validate(doc) -> dict:
 
 def load(path: str) -> dict:
     """The dataset in path, validated; ValueError naming the file otherwise."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    try:
-        return validate(doc)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return schema.read_validated(path, validate)
 
 
 def variant_key(gpu: str, triton: str, shape, layout: str, dtype: str, kernel: str,

@@ -229,7 +229,7 @@ def run(out: str | None, n: int = 200, rounds: int = 9) -> int:
     print("\n".join(table(records)))
     print(f"floor: a Python autograd node's training fwd+bwd, computing nothing: {floor:.1f} µs")
     if out:
-        from .bench import write_json
+        from .schema import write_json
 
         write_json(doc, out)
         print(f"-> {out}")

@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 
 from . import schema
+from .schema import load
 from .model import OPS
 from .summary import BASELINES, _group_order, by_key, speedup, summary_rows, targets
 
@@ -33,18 +34,6 @@ IMPL_LABEL = {"tritonbn": "tritonbn", "torch": "torch", "torch_compile": "torch.
               "tritonbn_heuristic": "tritonbn, heuristic configs",
               "tritonbn_split": "tritonbn, split path", "tritonbn_fused": "tritonbn, single-program",
               "tritonbn_kernel_combine": "tritonbn, split path, combine launches"}
-
-
-def load(path: str) -> dict:
-    with open(path) as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON: {e}") from None
-    try:
-        return schema.validate(doc)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 def newest_gpu_results(directory: str) -> str | None:

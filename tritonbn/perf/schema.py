@@ -7,6 +7,9 @@ truncated file fails with a clear message rather than a wrong report.
 """
 from __future__ import annotations
 
+import json
+import os
+
 from .model import OPS, PASSES
 
 SCHEMA_VERSION = 1
@@ -118,3 +121,31 @@ def validate(doc) -> dict:
         more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
         raise ValueError("not a tritonbn results file: " + "; ".join(found[:10]) + more)
     return doc
+
+
+def read_validated(path: str, check) -> dict:
+    """The JSON document at path through check (a validate function); ValueError naming
+    the file otherwise."""
+    with open(path) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+    try:
+        return check(doc)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load(path: str) -> dict:
+    """The results file at path, validated (ValueError naming the file and what is wrong)."""
+    return read_validated(path, validate)
+
+
+def write_json(doc: dict, path: str) -> None:
+    """doc as JSON at path, atomically (a temporary file, then a rename), its folder made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
