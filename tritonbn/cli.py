@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .arguments import csv_choices
+
 
 def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no")
@@ -34,18 +36,6 @@ def _pick_backend_early(argv) -> None:
         known = early.parse_known_args(argv[argv.index("bench") + 1:])[0]
         if known.device == "cpu" or known.host:  # --host stubs the interpreter's launcher
             os.environ["TRITON_INTERPRET"] = "1"
-
-
-def csv_choices(choices):
-    """argparse type: a comma-separated list, each item one of choices."""
-    def parse(text):
-        items = tuple(t.strip() for t in text.split(",") if t.strip())
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{','.join(bad) or repr(text)}: choose from {', '.join(choices)} (comma-separated)")
-        return items
-    return parse
 
 
 def _add_bench(sub):

@@ -55,7 +55,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import heuristics, ops
-from ..cli import csv_choices
+from ..arguments import csv_choices
 from ..heuristics import COMBINE_OF, KERNELS, REDUCE_KERNELS, TILE_KERNELS, CombineConfig, Config
 from ..layout import kernel_view
 from ..testing import poisoned_allocations

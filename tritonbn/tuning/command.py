@@ -16,7 +16,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ..cli import csv_choices
+from ..arguments import csv_choices
 from ..heuristics import PASS_KERNELS
 
 LAYOUTS = ("channels_last", "nchw")
