@@ -112,6 +112,7 @@ def main():
     for name in ops.K.__all__:
         setattr(ops.K, name, getattr(ops.K, name).kernel)
     sass_checks()
+    short_rows_checks()
     occupancy_checks()
     for name in ops.K.__all__:
         setattr(ops.K, name, Compile(getattr(ops.K, name)))
@@ -324,12 +325,41 @@ def sass_checks():
     print(f"sass checked {len(JitEqual.rows)} launches", flush=True)
 
 
+# The ResNet-50 7x7 layers NCHW (rows of 49 positions), where the tile kernels took
+# 116-168 registers on 4 warps (issue 15): (shape, dtype), each with and without a residual
+SHORT_ROWS_CASES = [((32, 2048, 7, 7), torch.float16), ((256, 512, 7, 7), torch.float16),
+                    ((32, 2048, 7, 7), torch.bfloat16), ((32, 2048, 7, 7), torch.float32)]
+MAX_REGS = 128
+
+
+def short_rows_checks():
+    """Each SHORT_ROWS_CASES training step (bn_relu, the residual's bit mask where there
+    is one), compiled JIT-equal: every tile kernel stays at MAX_REGS registers or fewer
+    with no local memory, the combine in the reduce launches or not."""
+    failures, checked = [], 0
+    for (shape, dtype), residual in itertools.product(SHORT_ROWS_CASES, (False, True)):
+        label = f"{'x'.join(map(str, shape))}:nchw:{TYPES[dtype]}:{'mask' if residual else '-'}"
+        for r in _jit_equal_step(label, shape, None, dtype, residual)[2]:
+            if r["kernel"] not in TILE_NAMES:
+                continue
+            checked += 1
+            print(f"short rows {label:28} {r['kernel']:22} warps={r['warps']} regs={r['regs']} "
+                  f"local={r['local']}", flush=True)
+            if r["regs"] > MAX_REGS or r["local"]:
+                failures.append(f"{label} {r['kernel']}: {r['regs']} registers, "
+                                f"{r['local']} local-memory instructions")
+    assert not failures, "\n".join(failures)
+    print(f"short rows checked {checked} launches", flush=True)
+
+
 # ResNet-50 batch-256 layers whose default grids fill whole waves (tests/test_waves.py),
 # between them every tiling, warps and element size of the table but fp32 channel-first
 OCCUPANCY_CASES = [((256, 64, 56, 56), torch.channels_last, torch.float16),
                    ((256, 64, 56, 56), torch.channels_last, torch.float32),
                    ((256, 64, 56, 56), None, torch.float16),
-                   ((256, 256, 14, 14), None, torch.float16)]
+                   ((256, 256, 14, 14), None, torch.float16),
+                   ((256, 512, 7, 7), None, torch.float16),
+                   ((256, 512, 7, 7), None, torch.float32)]
 TILE_NAMES = {"stats_partial_kernel": "stats", "normalize_kernel": "normalize",
               "bwd_reduce_kernel": "bwd_reduce", "bwd_dx_kernel": "dx"}
 
