@@ -113,6 +113,7 @@ def main():
     for name in ops.K.__all__:
         setattr(ops.K, name, getattr(ops.K, name).kernel)
     sass_checks()
+    short_rows_checks()
     occupancy_checks()
     for name in ops.K.__all__:
         setattr(ops.K, name, Compile(getattr(ops.K, name)))
@@ -234,7 +235,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 # Realistic shapes, fp16 bn_relu training with the residual's mask, compiled the way
 # the JIT specializes them (pointers and integers divisible by 16 marked), so the
 # SASS shows the loads a GPU would run: (shape, channels_last, wide loads expected).
-# NCHW 7x7 rows (49 elements) are never 16-byte aligned: scalar loads, no assertion.
+# NCHW 7x7 rows (49 elements) are never 16-byte aligned: with the residual's bit mask
+# (2-D tiles) scalar loads, no assertion; without it, see short_rows_checks.
 SASS_CASES = [((256, 64, 56, 56), True, True), ((256, 64, 56, 56), False, True),
               ((256, 1024, 14, 14), True, True), ((256, 512, 28, 28), False, True),
               ((32, 2048, 7, 7), False, False), ((1024, 512), False, True)]
@@ -326,12 +328,46 @@ def sass_checks():
     print(f"sass checked {len(JitEqual.rows)} launches", flush=True)
 
 
+# The ResNet-50 7x7 layers NCHW (rows of 49 positions), where the tile kernels took
+# 116-168 registers on 4 warps and loaded an element at a time (issue 15): (shape,
+# dtype), each with and without a residual
+SHORT_ROWS_CASES = [((32, 2048, 7, 7), torch.float16), ((256, 512, 7, 7), torch.float16),
+                    ((32, 2048, 7, 7), torch.bfloat16), ((32, 2048, 7, 7), torch.float32)]
+MAX_REGS = 128
+FLAT_FNS = ("normalize_kernel", "bwd_dx_kernel")  # flat tiles without the bit mask
+
+
+def short_rows_checks():
+    """Each SHORT_ROWS_CASES training step (bn_relu, the residual's bit mask where there
+    is one), compiled JIT-equal: every tile kernel stays at MAX_REGS registers or fewer
+    with no local memory, the combine in the reduce launches or not; without the bit
+    mask, normalize and dx (flat tiles, ops.flat_tiles) load 128 bits at a time."""
+    failures, checked = [], 0
+    for (shape, dtype), residual in itertools.product(SHORT_ROWS_CASES, (False, True)):
+        label = f"{'x'.join(map(str, shape))}:nchw:{TYPES[dtype]}:{'mask' if residual else '-'}"
+        for r in _jit_equal_step(label, shape, None, dtype, residual)[2]:
+            if r["kernel"] not in TILE_NAMES:
+                continue
+            checked += 1
+            print(f"short rows {label:28} {r['kernel']:22} warps={r['warps']} regs={r['regs']} "
+                  f"local={r['local']} loads={r['loads']}", flush=True)
+            if r["regs"] > MAX_REGS or r["local"]:
+                failures.append(f"{label} {r['kernel']}: {r['regs']} registers, "
+                                f"{r['local']} local-memory instructions")
+            if not residual and r["kernel"] in FLAT_FNS and "LDG.E.128" not in r["loads"]:
+                failures.append(f"{label} {r['kernel']}: no 128-bit loads ({r['loads']})")
+    assert not failures, "\n".join(failures)
+    print(f"short rows checked {checked} launches", flush=True)
+
+
 # ResNet-50 batch-256 layers whose default grids fill whole waves (tests/test_waves.py),
 # between them every tiling, warps and element size of the table but fp32 channel-first
 OCCUPANCY_CASES = [((256, 64, 56, 56), torch.channels_last, torch.float16),
                    ((256, 64, 56, 56), torch.channels_last, torch.float32),
                    ((256, 64, 56, 56), None, torch.float16),
-                   ((256, 256, 14, 14), None, torch.float16)]
+                   ((256, 256, 14, 14), None, torch.float16),
+                   ((256, 512, 7, 7), None, torch.float16),
+                   ((256, 512, 7, 7), None, torch.float32)]
 TILE_NAMES = {"stats_partial_kernel": "stats", "normalize_kernel": "normalize",
               "bwd_reduce_kernel": "bwd_reduce", "bwd_dx_kernel": "dx"}
 

@@ -27,6 +27,10 @@ def test_all_launched_variants_compile_for_sm90():
     # (6 shapes, 4 launches a training step on the split path, 2 on the single-program)
     found = re.search(r"sass checked (\d+) launches", proc.stdout)
     assert found and int(found.group(1)) >= 20, proc.stdout[-2000:]
+    # the 7x7 NCHW layers' tile kernels: <= 128 registers, no local memory (4 cases, with
+    # and without a residual, 4 kernels each)
+    found = re.search(r"short rows checked (\d+) launches", proc.stdout)
+    assert found and int(found.group(1)) >= 32, proc.stdout[-2000:]
     # the registers table the grids are sized by (heuristics.SM90_REGISTERS) holds
     found = re.search(r"occupancy checked (\d+) launches", proc.stdout)
     assert found and int(found.group(1)) >= 10, proc.stdout[-2000:]

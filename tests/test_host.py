@@ -498,3 +498,13 @@ def test_the_backward_kept_on_the_forward_plan_follows_launch_overrides(monkeypa
     assert step() == (["fused_backward_kernel"], 0)
     torch.testing.assert_close(bn.weight.grad, ref[0].weight.grad)
     torch.testing.assert_close(bn.bias.grad, ref[0].bias.grad)
+
+
+def test_a_refused_launch_overrides_changes_nothing():
+    """An unknown kernel name is refused before any override is set, so none leaks out
+    of the block that never started."""
+    before = dict(ops._overrides)
+    with pytest.raises(TypeError, match="unknown kernel"):
+        with ops.launch_overrides(stats=Config(8, 8, 2), nonesuch=Config(8, 8, 2)):
+            pass
+    assert ops._overrides == before

@@ -245,3 +245,50 @@ def test_single_program_path_edges(monkeypatch, shape, fmt, act, residual, block
     with ops.launch_overrides(path="fused"):
         check_steps(ours, ref, shape, fmt, torch.float16, steps=2, residual=residual)
     assert launched[:4] == ["fwd", "bwd", "fwd", "bwd"]  # the path under test really ran
+
+
+class _FlatRecorder:
+    """A tile kernel whose launches log their FLAT argument (passed positionally)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+        self.at = kernel.arg_names.index("FLAT")
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kernel.__name__, bool(args[self.at])))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 8, 7, 7), (2, 5, 3, 3)], ids=["7x7", "3x3"])  # rows of 49, 9
+@pytest.mark.parametrize("act,residual,affine",
+                         [(a, False, True) for a in ops.ACTIVATIONS]
+                         + [("silu", True, True), ("relu", True, True), ("relu", False, False)])
+def test_flat_tiles(monkeypatch, shape, dtype, act, residual, affine):
+    """normalize and dx on FLAT tiles (ops.flat_tiles: contiguous NCHW whose rows are
+    not 16-byte aligned, walked as one run of the block's planes, the parameters per
+    element): training then eval, against torch in float64, every buffer poisoned, on
+    the split path; channel blocks that do not divide C (5 over 4) and 8 channels that
+    do. A launch that writes or reads the bit mask (relu after a residual) keeps 2-D
+    tiles."""
+    from conftest import check_steps
+
+    log = []
+    for name in ("normalize_kernel", "bwd_dx_kernel"):
+        monkeypatch.setattr(ops.K, name, _FlatRecorder(getattr(ops.K, name), log))
+    cfg = Config(BLOCK_M=64 if shape[-1] == 7 else 16, BLOCK_C=4, split=2)
+    ours = tritonbn.BatchNorm2d(shape[1], activation=act, alpha=0.4, affine=affine, device=DEVICE)
+    ref = torch.nn.BatchNorm2d(shape[1], affine=affine, dtype=torch.float64, device=DEVICE)
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    with ops.launch_overrides(path="split", elementwise=cfg):
+        check_steps(ours, ref, shape, torch.contiguous_format, dtype, steps=2, residual=residual)
+    mask = residual and ops.residual_mode(act, True) == ops.RES_MASK
+    # 2 training steps and eval: normalize and dx each
+    assert sorted(set(log)) == [("bwd_dx_kernel", not mask), ("normalize_kernel", not mask)]
+    assert len(log) == 6

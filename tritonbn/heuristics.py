@@ -118,6 +118,11 @@ def split_for(kernel: str, v: View, BLOCK_C: int, programs: int) -> int:
     return split
 
 
+# Channel-first rows this short (7x7, 8x8 planes) take 8 warps at 2048-element tiles
+# (heuristic), and, where they are not 16-byte aligned, flat tiles (ops.flat_tiles)
+SHORT_ROWS = 64
+
+
 @functools.lru_cache(maxsize=4096)
 def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interpret: bool) -> Config:
     """The default launch of a tile kernel (see TILE_KERNELS) over v (memoized: it runs
@@ -136,7 +141,12 @@ def heuristic(kernel: str, v: View, elem_size: int, device: torch.device, interp
         BLOCK_C = min(pow2(v.C), max(1, tile // BLOCK_M))
     programs = 4 if interpret else programs_per_sm(kernel) * sm_count(device)
     split = split_for(kernel, v, BLOCK_C, programs)
-    num_warps = 8 if BLOCK_M * BLOCK_C >= 4096 else 4
+    # channel-first rows of <= SHORT_ROWS positions (7x7, 8x8) at 2048 elements: 8 warps,
+    # 8 elements a thread. At 4 warps (16 a thread, holding 8 channels' parameters) the
+    # sm_90 compile of 32x2048x7x7 NCHW bn_relu training gave 116-168 registers (dx,
+    # bwd_reduce 168); at 8 warps, the same tile and grid, 64-104 (issue 15)
+    short_rows = not v.channel_last and BLOCK_M <= SHORT_ROWS
+    num_warps = 8 if BLOCK_M * BLOCK_C >= (2048 if short_rows else 4096) else 4
     if not interpret and _plans_sm90(device):
         split = _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs,
                             sm_count(device), split)
@@ -169,30 +179,33 @@ SIZED_BY_WAVES = ("stats",)
 # multiple of 16, as Triton specializes it): JIT-equal compiles (Triton's binder and
 # specialization) of a bn_relu training step over the ResNet-50 set in fp16 and fp32
 # (bf16 took fp16's within 3 registers), the launches without the last-program
-# combine in them. Registers vary with all of these (32 to 168 for the channel-first
-# dx kernel). tests/compile_sm90.py checks that compiled kernels still hold the
-# programs per SM this table gives; the second lease's Nsight Compute counted the
-# same 73 (stats), 48 (normalize), 94 (bwd_reduce) and 80 (dx) registers for
-# channels_last fp16 at 256x64x56x56, Triton 3.6.
+# combine in them. Registers vary with all of these (32 to 122 for the channel-first
+# dx kernel; it was 168 at 7x7 on 4 warps, 64-80 on the 8 and the flat tiles those
+# take now, ops.flat_tiles; the 7x7 entries regenerated so in 3.9 and 3.6; a 7x7
+# launch with the residual's bit mask stays on 2-D tiles at 76-100).
+# tests/compile_sm90.py checks that compiled kernels still hold the programs per SM
+# this table gives; the second lease's Nsight Compute counted the same 73 (stats),
+# 48 (normalize), 94 (bwd_reduce) and 80 (dx) registers for channels_last fp16 at
+# 256x64x56x56, Triton 3.6.
 _SM90_REGISTERS_39 = {
     ("bwd_reduce", True, 4, 4, 64, 32, True): 80,
     ("bwd_reduce", True, 8, 2, 64, 64, True): 95,
     ("dx", False, 4, 2, 256, 8, False): 122,
-    ("dx", False, 4, 2, 64, 32, False): 166,
     ("dx", False, 4, 4, 1024, 2, True): 38,
     ("dx", False, 4, 4, 2048, 1, True): 32,
     ("dx", False, 4, 4, 256, 8, False): 116,
-    ("dx", False, 4, 4, 64, 32, False): 168,
+    ("dx", False, 8, 2, 64, 32, False): 64,
+    ("dx", False, 8, 4, 64, 32, False): 80,
     ("dx", False, 8, 2, 1024, 4, True): 43,
     ("dx", False, 8, 2, 4096, 1, True): 32,
     ("dx", True, 4, 4, 64, 32, True): 68,
     ("dx", True, 8, 2, 64, 64, True): 80,
     ("normalize", False, 4, 2, 256, 8, False): 64,
-    ("normalize", False, 4, 2, 64, 32, False): 126,
     ("normalize", False, 4, 4, 1024, 2, True): 32,
     ("normalize", False, 4, 4, 2048, 1, True): 32,
     ("normalize", False, 4, 4, 256, 8, False): 64,
-    ("normalize", False, 4, 4, 64, 32, False): 128,
+    ("normalize", False, 8, 2, 64, 32, False): 48,
+    ("normalize", False, 8, 4, 64, 32, False): 48,
     ("normalize", False, 8, 2, 1024, 4, True): 32,
     ("normalize", False, 8, 2, 4096, 1, True): 32,
     ("normalize", True, 4, 4, 64, 32, True): 48,
@@ -207,6 +220,8 @@ SM90_REGISTERS = {
             ("dx", False, 4, 2, 256, 8, False): 124,
             ("dx", False, 4, 4, 1024, 2, True): 32,
             ("dx", False, 8, 2, 1024, 4, True): 44,
+            ("dx", False, 8, 4, 64, 32, False): 74,
+            ("normalize", False, 8, 2, 64, 32, False): 40,
             ("stats", True, 8, 2, 64, 64, True): 73},
 }
 

@@ -52,7 +52,7 @@ def residual_mode(activation, has_residual: bool) -> int:
 # "epoch" changes whenever a launch_overrides block starts or ends: what a training
 # forward planned for its backward (_FwdPlan.backward) holds while it is the same.
 _overrides: dict = dict.fromkeys(KERNELS) | {"int64": False, "path": None, "forced": False,
-                                             "combine": None, "epoch": 0}
+                                             "combine": None, "flat": True, "epoch": 0}
 _epochs = itertools.count(1)
 PATHS = ("split", "fused")
 COMBINES = ("last", "kernel")
@@ -86,23 +86,26 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def launch_overrides(int64: bool | None = None, path: str | None = None,
-                     combine: str | None = None, **configs: Config | CombineConfig | None):
+                     combine: str | None = None, flat: bool | None = None,
+                     **configs: Config | CombineConfig | None):
     """Force launch configs inside the block, by kernel name (see heuristics.KERNELS)
     or group ("reduce": stats + bwd_reduce, "elementwise": normalize + dx); None
     keeps the usual choice. int64=True forces 64-bit offsets. path="split" or
     "fused" forces that path (fused where its tile fits, heuristics.fused_tile); a
     forced config alone implies the split path. combine="last" or "kernel" forces
-    where the split path's combines run (see _last_combine)."""
+    where the split path's combines run (see _last_combine). flat=False keeps the
+    elementwise kernels on 2-D tiles where they would take flat ones (flat_tiles)."""
     if path is not None and path not in PATHS:
         raise TypeError(f"launch_overrides: path must be one of {PATHS}, got {path!r}")
     if combine is not None and combine not in COMBINES:
         raise TypeError(f"launch_overrides: combine must be one of {COMBINES}, got {combine!r}")
-    saved = dict(_overrides)
-    _overrides["epoch"] = next(_epochs)
-    for name, cfg in configs.items():
+    for name in configs:  # every name checked before anything changes
         if name not in KERNELS and name not in GROUPS:
             raise TypeError(f"launch_overrides: unknown kernel {name!r}; "
                             f"choose from {', '.join(KERNELS + tuple(GROUPS))}")
+    saved = dict(_overrides)
+    _overrides["epoch"] = next(_epochs)
+    for name, cfg in configs.items():
         for k in GROUPS.get(name, (name,)):
             _overrides[k] = cfg
     if int64 is not None:
@@ -111,6 +114,8 @@ def launch_overrides(int64: bool | None = None, path: str | None = None,
         _overrides["path"] = path
     if combine is not None:
         _overrides["combine"] = combine
+    if flat is not None:
+        _overrides["flat"] = flat
     _overrides["forced"] = any(_overrides[k] is not None for k in KERNELS)
     try:
         yield
@@ -322,6 +327,21 @@ def _int64(v: View) -> bool:
     return _overrides["int64"] or v.outer * v.C * v.inner >= 2**31
 
 
+def flat_tiles(v: View, cfg: Config, elem_size: int) -> bool:
+    """Whether normalize and dx without a bit mask walk v in FLAT tiles
+    (kernels/common.py, flat_tile): contiguous channel-first planes (each channel's
+    right after the last) of at most heuristics.SHORT_ROWS positions, that one tile
+    row holds whole, and whose rows are not 16-byte aligned, so that 2-D tiles load
+    them narrowly (the 7x7 layers: rows of 49, an element at a time), where a run of
+    BLOCK_C planes is aligned as C is. Not where a bit mask is written or read: its
+    layout is 2-D (mask_view). Longer rows (14x14 fp16: 64-bit loads in 2-D) stay 2-D:
+    flat tiles of 16 elements a thread took more registers there in the sm_90 compile
+    (normalize 64 -> 80, dx 122 -> 128; the parameters are per element)."""
+    return (_overrides["flat"] and not v.channel_last and v.s_inner == 1 and v.s_c == v.inner
+            and v.inner <= min(cfg.BLOCK_M, heuristics.SHORT_ROWS)
+            and (v.inner * elem_size) % 16 != 0)
+
+
 def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tuple = (),
             names: tuple = ()):
     """(grid, scalar arguments of fn in order, launch options) of a tile kernel over x:
@@ -332,14 +352,15 @@ def _launch(kernel: str, fn: str, x: torch.Tensor, v: View, mask=None, extra: tu
     of them, a newly tuned config too, is a new entry."""
     cfg = _select(kernel, x, v)
     int64 = _int64(v)
-    key = (kernel, v, cfg, mask is not None, int64, x.dtype, extra)
+    key = (kernel, v, cfg, mask is not None, int64, x.dtype, extra, _overrides["flat"])
     hit = _plans.get(key)
     if hit is None:
         if mask is not None and cfg.BLOCK_M % 8:
             cfg = dataclasses.replace(cfg, BLOCK_M=8, BLOCK_C=max(1, cfg.BLOCK_C * cfg.BLOCK_M // 8))
         grid, tile_args, meta = plan(v, cfg)
         named = _view_args(x, v, mask, int64, BLOCK_M=meta["BLOCK_M"],
-                           BLOCK_C=meta["BLOCK_C"], **tile_args, **dict(zip(names, extra)))
+                           BLOCK_C=meta["BLOCK_C"], **tile_args, **dict(zip(names, extra)),
+                           FLAT=mask is None and flat_tiles(v, cfg, x.element_size()))
         hit = _remember(key, (grid, tuple(named[n] for n in _SCALARS[fn]),
                               dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])))
     return hit
@@ -683,7 +704,7 @@ def _forward_plan(x, v, weight, bias, running_mean, running_var, num_batches_tra
         cfgs = (_select("normalize", x, v),)
     key = ("forward", v, x.dtype, x.device, batch, update, from_nbt, count, momentum, eps,
            activation, slope, weight is not None, bias is not None, has_z, _overrides["int64"],
-           cfgs)
+           _overrides["flat"], cfgs)
     p = _plans.get(key)
     if p is not None:
         return p
@@ -880,7 +901,7 @@ def _backward_plan(x, v, weight, bias, batch, eps, activation, slope, z, mask, n
         cfgs += (_select("dx", x, v, src=src),)
     key = ("backward", v, x.dtype, x.device, batch, eps, activation, slope, weight is not None,
            bias is not None, z is not None, mask is not None, need_dx, need_dw, need_db, need_dz,
-           reduce, _overrides["int64"], cfgs)
+           reduce, _overrides["int64"], _overrides["flat"], cfgs)
     p = _plans.get(key)
     if p is None:
         p = _BwdPlan()

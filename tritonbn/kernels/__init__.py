@@ -5,6 +5,9 @@ it in 2-D tiles of ``[BLOCK_M, BLOCK_C]``: ``BLOCK_M`` positions of the reduced
 axis by ``BLOCK_C`` channels. ``CHANNEL_LAST`` (a constexpr) picks how a tile
 index maps to memory: rows of the contiguous ``C`` axis (channels_last, (N, C))
 or a block of the contiguous spatial axis for one ``outer`` index (NCHW, NCL).
+``FLAT`` (normalize and dx, contiguous NCHW of short unaligned rows such as 7x7)
+reads a tile as one run of the block's whole planes, each element's channel
+parameters gathered (common.flat_tile), so that its loads are wide.
 All kernels run on a grid of (channel blocks) x (splits of the tile range),
 except the single-program path (fused.py): one program per channel block, the
 whole reduced extent in one tile.

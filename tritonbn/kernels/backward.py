@@ -12,8 +12,9 @@ dx      bwd_dx_kernel       training: dx = w * invstd * (dy' - sum dy'/M - xhat 
 import triton
 import triton.language as tl
 
-from .common import (RES_MASK, TILE_RANGE, channel_block, channel_params, last_to_arrive,
-                     load_dy_xhat, mask_tile, tile_range, tile_rows)
+from .common import (RES_MASK, TILE_RANGE, channel_block, channel_params, flat_tile,
+                     last_to_arrive, load_dy_xhat, mask_tile, per_tile, tile_ptrs, tile_range,
+                     tile_rows)
 
 
 @triton.jit
@@ -58,10 +59,10 @@ def bwd_reduce_kernel(
                                 BLOCK_M, CHANNEL_LAST, INT64)
         mask = rmask[:, None] & cmask[None, :]
         ptrs = offs[:, None] + coffs[None, :]
-        dy, xhat = tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
-                                scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
-                                ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
-                                ACT, RES)
+        dy, xhat = tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask,
+                                mean[None, :], invstd[None, :], scale[None, :], b[None, :],
+                                slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner,
+                                mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC, ACT, RES)
         acc_dy += dy
         acc_dy_xhat += dy * xhat
     sum_dy = tl.sum(acc_dy, axis=0)
@@ -122,26 +123,31 @@ def bwd_dx_kernel(
     INT64: tl.constexpr, ACC: tl.constexpr, FROM_VAR: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    COUNT_FROM_PTR: tl.constexpr,
+    COUNT_FROM_PTR: tl.constexpr, FLAT: tl.constexpr,
 ):
-    c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
+    tl.static_assert(not (FLAT and RES == RES_MASK), "the bit mask is read in 2-D tiles")
+    if FLAT:  # one run of the block's planes a tile, the parameters per element
+        c, cmask, coffs = flat_tile(C, INNER, s_c, BLOCK_M, BLOCK_C, INT64)
+    else:
+        c, cmask, coffs = channel_block(C, s_c, BLOCK_C, INT64)
     mean, invstd, w, b = channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
                                         FROM_VAR, HAS_W, HAS_B, ACC)
-    scale = invstd * w
+    scale = per_tile(invstd * w, FLAT)
+    mean, invstd, b = per_tile(mean, FLAT), per_tile(invstd, FLAT), per_tile(b, FLAT)
     _mc, _mcmask, mcoffs = channel_block(C, ms_c, BLOCK_C, INT64)
     if TRAINING:
         if COUNT_FROM_PTR:  # SyncBatchNorm: the count over every process, per channel
             m = tl.load(count_ptr + c, mask=cmask, other=1.0).to(ACC)
         else:
             m = tl.cast(count, ACC)
-        mean_dy = tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / m
-        mean_dy_xhat = tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / m
+        mean_dy = per_tile(tl.load(sums_ptr + c, mask=cmask, other=0.0).to(ACC) / m, FLAT)
+        mean_dy_xhat = per_tile(tl.load(sums_ptr + C + c, mask=cmask, other=0.0).to(ACC) / m,
+                                FLAT)
     t0, t1 = tile_range(n_tiles, tiles_per_split)
     for t in range(t0, t1):
-        offs, rmask, _ = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
-                                BLOCK_M, CHANNEL_LAST, INT64)
-        mask = rmask[:, None] & cmask[None, :]
-        ptrs = offs[:, None] + coffs[None, :]
+        offs, rmask, base = tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
+                                      BLOCK_M, CHANNEL_LAST, INT64)
+        ptrs, mask = tile_ptrs(offs, rmask, base, coffs, cmask, FLAT)
         dy, xhat = tile_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, t, ptrs, mask, cmask, mean, invstd,
                                 scale, b, slope, M_OUTER, M_INNER, n_inner_tiles, ms_outer,
                                 ms_inner, mcoffs, BLOCK_M, BLOCK_C, CHANNEL_LAST, INT64, ACC,
@@ -150,5 +156,5 @@ def bwd_dx_kernel(
             tl.store(dz_ptr + ptrs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
             if TRAINING:
-                dy = dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]
-            tl.store(dx_ptr + ptrs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+                dy = dy - mean_dy - xhat * mean_dy_xhat
+            tl.store(dx_ptr + ptrs, (dy * scale).to(dx_ptr.dtype.element_ty), mask=mask)

@@ -113,6 +113,46 @@ def tile_rows(t, OUTER, INNER, n_inner_tiles, s_outer, s_inner,
 
 
 @triton.jit
+def flat_tile(C, INNER, s_c, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """FLAT tiles (contiguous channel-first planes of INNER <= BLOCK_M positions that are
+    not 16-byte aligned): the program's BLOCK_C planes of one outer index are one run
+    of BLOCK_C * INNER elements, read as a [BLOCK_M, BLOCK_C] tile row-major (element
+    (m, k) is the run's m * BLOCK_C + k), so its loads are as wide as the run is
+    aligned. Per element: its channel, its validity and its offset from the outer
+    index's start (tile_rows' base); the channel's parameters are gathered by it."""
+    c0 = tl.program_id(0) * BLOCK_C
+    f = tl.arange(0, BLOCK_M)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    valid = f < tl.minimum(C - c0, BLOCK_C) * INNER
+    if INT64:
+        offs = c0.to(tl.int64) * s_c + f
+    else:
+        offs = c0 * s_c + f
+    return c0 + f // INNER, valid, offs
+
+
+@triton.jit
+def per_tile(p, FLAT: tl.constexpr):
+    """A per-channel value shaped for a [BLOCK_M, BLOCK_C] tile: a row of the block's
+    channels, or under FLAT (flat_tile) already one per element."""
+    if not FLAT:
+        p = p[None, :]
+    return p
+
+
+@triton.jit
+def tile_ptrs(offs, rmask, base, coffs, cmask, FLAT: tl.constexpr):
+    """Offsets and validity of a tile's elements: rows (tile_rows' offs, rmask) by the
+    block's channels (coffs, cmask), or under FLAT base + flat_tile's offsets."""
+    if FLAT:
+        ptrs = base + coffs
+        mask = cmask
+    else:
+        ptrs = offs[:, None] + coffs[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+    return ptrs, mask
+
+
+@triton.jit
 def channel_params(mean_ptr, s_ptr, w_ptr, b_ptr, c, cmask, eps,
                    FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    ACC: tl.constexpr):
@@ -274,19 +314,20 @@ def load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean,
                  ACT: tl.constexpr, RES: tl.constexpr):
     """dy' = dy * act'(pre) and xhat of a [BLOCK_M, BLOCK_C] tile at ptrs: act'(pre) from
     the mask's bytes at moffs (valid where mmask) under RES_MASK, else from pre
-    recomputed exactly as the forward has it (with z reloaded under RES_RELOAD)."""
+    recomputed exactly as the forward has it (with z reloaded under RES_RELOAD).
+    mean, invstd, scale and b come shaped for the tile (per_tile)."""
     x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-    xc = x - mean[None, :]
+    xc = x - mean
     if RES == RES_MASK:
         packed = tl.load(mask_ptr + moffs, mask=mmask, other=0)
         dy = act_grad_keep(dy, unpack_bits(packed, BLOCK_M, BLOCK_C), slope, ACT)
     else:
-        pre = xc * scale[None, :] + b[None, :]
+        pre = xc * scale + b
         if RES == RES_RELOAD:
             pre += tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC)
         dy = act_grad(dy, pre, slope, x_ptr.dtype.element_ty, ACT)
-    return dy, xc * invstd[None, :]
+    return dy, xc * invstd
 
 
 @triton.jit

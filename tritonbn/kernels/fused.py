@@ -136,8 +136,9 @@ def fused_backward_kernel(
         moffs, mvalid = whole_mask_bytes(M_OUTER, M_INNER, ms_outer, ms_inner, mcoffs, BLOCK_M,
                                          BLOCK_I, CHANNEL_LAST, INT64)
         mmask = mvalid[:, None] & cmask[None, :]
-    dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask, mean,
-                            invstd, scale, b, slope, BLOCK_M, BLOCK_C, ACC, ACT, RES)
+    dy, xhat = load_dy_xhat(x_ptr, dy_ptr, z_ptr, mask_ptr, ptrs, mask, moffs, mmask,
+                            mean[None, :], invstd[None, :], scale[None, :], b[None, :], slope,
+                            BLOCK_M, BLOCK_C, ACC, ACT, RES)
     dy = tl.where(mask, dy, 0.0)
     xhat = tl.where(mask, xhat, 0.0)
     sum_dy = tl.sum(dy, axis=0)
