@@ -344,9 +344,10 @@ def _module_activation(m):
         return _GELUS[m.approximate], None
     if t in (nn.ReLU6, nn.Hardtanh) and _relu6_bounds(m.min_val, m.max_val):
         return "relu6", None
-    for name, activation in _TIMM_ACTIVATIONS.items():
-        if _foreign(m, name, "timm.") and not m._modules and not m._parameters:
-            return activation, None
+    activation = _TIMM_ACTIVATIONS.get(t.__name__)
+    if (activation is not None and _foreign(m, t.__name__, "timm.") and not m._modules
+            and not m._parameters):
+        return activation, None
     return None
 
 

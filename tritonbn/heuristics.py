@@ -68,19 +68,26 @@ CONFIG_TYPE = {k: Config for k in TILE_KERNELS} | {k: CombineConfig for k in COM
 
 def plan(v: View, cfg: Config) -> tuple[tuple[int, int], dict, dict]:
     """Grid, tile arguments and launch meta-parameters for a tile kernel over v."""
-    if v.channel_last:
-        n_inner_tiles = 1
-        n_tiles = cdiv(v.outer, cfg.BLOCK_M)
-    else:
-        n_inner_tiles = cdiv(v.inner, cfg.BLOCK_M)
-        n_tiles = v.outer * n_inner_tiles
-    per_split = cdiv(n_tiles, max(1, min(cfg.split, n_tiles)))
-    split = cdiv(n_tiles, per_split)  # no empty split
-    grid = (cdiv(v.C, cfg.BLOCK_C), split)
+    n_inner_tiles = 1 if v.channel_last else cdiv(v.inner, cfg.BLOCK_M)
+    n_tiles = n_tiles_of(v, cfg.BLOCK_M)
+    per_split = tiles_per_split(n_tiles, cfg.split)
+    grid = (cdiv(v.C, cfg.BLOCK_C), cdiv(n_tiles, per_split))  # no empty split
     args = dict(n_inner_tiles=n_inner_tiles, n_tiles=n_tiles, tiles_per_split=per_split)
     meta = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     return grid, args, meta
+
+
+def n_tiles_of(v: View, BLOCK_M: int) -> int:
+    """Tiles of the reduced axis a tile kernel's splits share."""
+    return cdiv(v.outer, BLOCK_M) if v.channel_last else v.outer * cdiv(v.inner, BLOCK_M)
+
+
+def tiles_per_split(n_tiles: int, split: int) -> int:
+    """Tiles each split walks when at most `split` splits share n_tiles; plan() launches
+    cdiv(n_tiles, this) splits, so none is empty (fewer than asked where it divides
+    unevenly)."""
+    return cdiv(n_tiles, max(1, min(split, n_tiles)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -267,11 +274,6 @@ def whole_waves(programs: int, slots: int) -> bool:
     return programs >= MIN_WAVES * slots or wave_fill(programs, slots) >= 1 - WAVE_SLACK
 
 
-def n_tiles_of(v: View, BLOCK_M: int) -> int:
-    """Tiles of the reduced axis a tile kernel's splits share (plan())."""
-    return cdiv(v.outer, BLOCK_M) if v.channel_last else v.outer * cdiv(v.inner, BLOCK_M)
-
-
 def wave_rank(programs: int, slots: int, target: int) -> tuple:
     """How a grid of `programs` ranks, lowest first: whole waves of `slots` (whole_waves),
     then the fuller last wave, then the nearer `target` programs by ratio."""
@@ -291,7 +293,7 @@ def wave_split(n_tiles: int, blocks: int, slots_of, target: int, cap: int):
         slots = slots_of(s)
         if blocks * s > 2 * max(4 * target, MIN_WAVES * (slots or 0)):
             break
-        if slots is None or cdiv(n_tiles, cdiv(n_tiles, s)) != s:
+        if slots is None or cdiv(n_tiles, tiles_per_split(n_tiles, s)) != s:
             continue
         rank = wave_rank(blocks * s, slots, target)
         if best_rank is None or rank < best_rank:
@@ -307,10 +309,12 @@ def _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs, sms
     a launch with the combine in it vary with its BLOCK_S and with how the split
     divides, so the table has none), and is otherwise sized among the splits that
     do not take it. Only the kernels in SIZED_BY_WAVES are sized so (see there)."""
+    if kernel not in SIZED_BY_WAVES:
+        return split
     reduce = kernel in REDUCE_KERNELS
-    regs = sm90_registers(kernel, v, Config(BLOCK_M, BLOCK_C, split, num_warps), elem_size)
-    if (kernel not in SIZED_BY_WAVES or regs is None
-            or (reduce and last_combine_fits(split_of_plan(v, BLOCK_M, split), BLOCK_C))):
+    cfg = Config(BLOCK_M, BLOCK_C, split, num_warps)
+    regs = sm90_registers(kernel, v, cfg, elem_size)
+    if regs is None or (reduce and last_combine_fits(split_of(v, cfg), BLOCK_C)):
         return split
     slots = resident(regs, num_warps) * sms
     n_tiles = n_tiles_of(v, BLOCK_M)
@@ -318,12 +322,6 @@ def _sm90_split(kernel, v, BLOCK_M, BLOCK_C, num_warps, elem_size, programs, sms
                    lambda s: None if reduce and last_combine_fits(s, BLOCK_C) else slots,
                    programs, 1024 if reduce else n_tiles)
     return split if s is None else s
-
-
-def split_of_plan(v: View, BLOCK_M: int, split: int) -> int:
-    """The splits plan() launches for an upper bound of `split` (none empty)."""
-    n_tiles = n_tiles_of(v, BLOCK_M)
-    return cdiv(n_tiles, cdiv(n_tiles, max(1, min(split, n_tiles))))
 
 
 # The single-program path (kernels/fused.py): a channel block's whole reduced extent
