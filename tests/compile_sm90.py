@@ -404,5 +404,32 @@ def occupancy_checks():
     print(f"occupancy checked {checked} launches", flush=True)
 
 
+def registers_table(cases=OCCUPANCY_CASES):
+    """heuristics.SM90_REGISTERS' entries for the installed Triton, as the compiler gives
+    them: a bn_relu training step over each case compiled JIT-equal (not run), one
+    `key: registers,` line per tile kernel launch without the last-program combine,
+    in the table's key (sm90_registers), to paste under its Triton version. Run:
+    env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 python tests/compile_sm90.py --registers"""
+    entries = {}
+    for shape, fmt, dtype in cases:
+        label = f"registers {'x'.join(map(str, shape))}:{fmt}:{dtype}"
+        x, v, rows = _jit_equal_step(label, shape, fmt, dtype, False)
+        for r in rows:
+            kernel = TILE_NAMES.get(r["kernel"])
+            if kernel is None or r["combine"]:
+                continue
+            aligned = (v.C if v.channel_last else v.inner) % 16 == 0
+            key = (kernel, v.channel_last, r["warps"], min(x.element_size(), 4), r["tile"][0],
+                   r["tile"][1], aligned)
+            entries[key] = max(entries.get(key, 0), r["regs"])
+    print(f"# triton {triton.__version__}")
+    for key, regs in sorted(entries.items()):
+        print(f"    {key!r}: {regs},")
+    return entries
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--registers"]:
+        registers_table()
+        sys.exit(0)
     sys.exit(main())
