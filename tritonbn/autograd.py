@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .tuning.tuner import on_first_use
 
 
 class Spec:
@@ -36,7 +37,7 @@ def _forward(x, weight, bias, residual, spec: Spec):
     return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
                        spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
                        spec.activation, residual=residual, slope=spec.slope, comm=spec.comm,
-                       count=spec.count)
+                       count=spec.count, first_use=on_first_use)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -68,7 +69,7 @@ def _backward(ctx, dy):
     spec = ctx.spec
     dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, spec.batch, spec.eps,
                                   spec.activation, ctx.needs_input_grad[:4], spec.slope,
-                                  residual, mask, spec.comm, count, ctx.plan)
+                                  residual, mask, spec.comm, count, ctx.plan, on_first_use)
     return dx, dw, db, dz, None
 
 

@@ -51,8 +51,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, tuning
+from . import ops
 from .layout import kernel_view, like
+from .tuning.tuner import on_first_use
 
 
 @torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
@@ -64,7 +65,7 @@ def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
         empty = x.new_empty(0, dtype=ops._acc(x.dtype)[0])
         return empty, empty.clone()
     mean, s, _ = ops.statistics(xk, v, True, running_mean, running_var, num_batches_tracked,
-                                momentum, eps)
+                                momentum, eps, first_use=on_first_use)
     return mean, s
 
 
@@ -122,7 +123,7 @@ def batch_norm(x: Tensor, mean: Tensor, s: Tensor, weight: Optional[Tensor],
     if x.numel() == 0:
         return torch.empty_like(xk), x.new_empty(0, dtype=torch.uint8)
     y, mask = ops.apply(xk, v, mean, s, weight, bias, training, eps, activation, residual,
-                        negative_slope)
+                        negative_slope, on_first_use)
     return y, mask if mask is not None else x.new_empty(0, dtype=torch.uint8)
 
 
@@ -146,7 +147,7 @@ def batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     xk, v = kernel_view(x)
     dx, dw, db, dz = ops.backward(dy, xk, v, mean, s, weight, bias, training, eps, activation,
                                   tuple(needs), slope=negative_slope, residual=residual,
-                                  mask=mask if mask.numel() else None)
+                                  mask=mask if mask.numel() else None, first_use=on_first_use)
     if dz is dy:  # no activation: dz = dy, which an op's output must not alias
         dz = dy.clone()
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, db, dz))
@@ -186,8 +187,8 @@ def batch_norm_grad_sums(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: 
         dw = torch.zeros_like(weight) if need_dw else None
         db = torch.zeros_like(bias) if need_db else None
     else:
-        tuning.on_first_use(("bwd_reduce", "bwd_combine", "dx"), xk, v, ops.interpreting(),
-                            weight=weight, bias=bias, eps=eps, activation=activation, dy=dy)
+        on_first_use(("bwd_reduce", "bwd_combine", "dx"), xk, v, ops.interpreting(),
+                     weight=weight, bias=bias, eps=eps, activation=activation, dy=dy)
         sums, dw, db = ops.grad_sums(dy, xk, v, mean, s, weight, bias, True, eps, activation,
                                      need_dw, need_db, slope=negative_slope, z=z, mask=mask)
     return sums, *(t if t is not None else x.new_empty(0) for t in (dw, db))

@@ -533,7 +533,7 @@ def normalize(x, v, mean, s, weight, bias, batch: bool, eps, activation, *, slop
 
 
 def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked, momentum,
-               eps, comm=None):
+               eps, comm=None, first_use=None):
     """(mean, s, count) for normalize and backward: the batch statistics (running stats
     updated in place; with comm, over every process's batch, and count is their
     count per channel, else None), or in eval the running stats themselves."""
@@ -557,7 +557,8 @@ def statistics(x, v, batch: bool, running_mean, running_var, num_batches_tracked
                                   running_var if update else mean,
                                   num_batches_tracked if from_nbt else mean, *a, **o)
         return mean, s, None
-    tuning.on_first_use(("stats", "stats_combine"), x, v, interpreting(), eps=eps)
+    if first_use is not None:
+        first_use(("stats", "stats_combine"), x, v, interpreting(), eps=eps)
     return (*batch_stats(x, v, running_mean, running_var, num_batches_tracked, momentum, eps),
             None)
 
@@ -576,11 +577,12 @@ def _fused_forward_extra(weight, bias, eps, activation, slope, has_z, write_mask
 
 
 def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=None,
-          slope=0.01):
+          slope=0.01, first_use=None):
     """(y, mask): y = act((x - mean) * s' * weight + bias [+ residual]) in x's strides,
     and the bit mask backward reads under RES_MASK (else None)."""
-    tuning.on_first_use(("normalize",), x, v, interpreting(), weight=weight, bias=bias,
-                        eps=eps, activation=activation)
+    if first_use is not None:
+        first_use(("normalize",), x, v, interpreting(), weight=weight, bias=bias, eps=eps,
+                  activation=activation)
     z = like(residual, x) if residual is not None else None
     mask = new_mask(x, v) if residual_mode(activation, z is not None) == RES_MASK else None
     y = normalize(x, v, mean, s, weight, bias, batch, eps, activation, slope=slope, z=z, mask=mask)
@@ -589,7 +591,7 @@ def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=No
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
             batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None,
-            count=False):
+            count=False, first_use=None):
     """y = act(batchnorm(x) [+ residual]): statistics, then apply. Returns y, the x the
     kernels read, its View, the per-channel (mean, s) that backward needs (s is invstd
     for batch statistics, running_var with FROM_VAR for eval), the bit mask backward
@@ -601,7 +603,11 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     count (training): the call counts its batch, num_batches_tracked += 1, as torch's
     module does before F.batch_norm. The planned launches do it in the statistics
     kernel (issue 14: no add launch of its own, ~3-7 µs of host time a call); the
-    other paths, and momentum=None (whose kernels read the count), add here first."""
+    other paths, and momentum=None (whose kernels read the count), add here first.
+
+    first_use: tuning.tuner.on_first_use, or None: run before the split kernels launch
+    one by one, it tunes their untuned buckets under TRITONBN_AUTOTUNE=1 (the tuner
+    runs these ops itself, so they take it rather than import it)."""
     x, v = kernel_view(x)
     if count and (momentum is None or x.numel() == 0):
         num_batches_tracked.add_(1)
@@ -619,8 +625,9 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
         if count:
             num_batches_tracked.add_(1)
         mean, s, count = statistics(x, v, batch, running_mean, running_var,
-                                    num_batches_tracked, momentum, eps, comm)
-        y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope)
+                                    num_batches_tracked, momentum, eps, comm, first_use)
+        y, mask = apply(x, v, mean, s, weight, bias, batch, eps, activation, residual, slope,
+                        first_use)
         return y, x, v, mean, s, mask, count, None
     z = like(residual, x) if residual is not None else None
     y, mean, s, mask, p = _forward_planned(x, v, weight, bias, running_mean, running_var,
@@ -814,7 +821,8 @@ def grad_input(dy, x, v, mean, s, weight, bias, sums, batch: bool, eps, activati
 
 
 def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, needs,
-             slope=0.01, residual=None, mask=None, comm=None, count=None, plan=None):
+             slope=0.01, residual=None, mask=None, comm=None, count=None, plan=None,
+             first_use=None):
     """(dx, dweight, dbias, dresidual), each None unless asked for in
     needs = (dx?, dw?, db?, dresidual?). A forward with a residual passes what
     residual_mode kept: the bit mask (RES_MASK) or the residual itself (RES_RELOAD);
@@ -858,8 +866,9 @@ def backward(dy, x, v, mean, s, weight, bias, batch: bool, eps, activation, need
                                         need_dw, need_db, need_dz)
         return dx, dw, db, dz2 if need_dz else dz
     kernels = (("bwd_reduce", "bwd_combine") if reduce else ()) + (("dx",) if elementwise else ())
-    tuning.on_first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
-                        activation=activation, dy=dy)
+    if first_use is not None:
+        first_use(kernels, x, v, interpreting(), weight=weight, bias=bias, eps=eps,
+                  activation=activation, dy=dy)
     sums = dw = db = None
     if reduce:
         sums, dw, db = grad_sums(dy, x, v, mean, s, weight, bias, batch, eps, activation,

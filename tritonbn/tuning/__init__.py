@@ -1,4 +1,5 @@
-"""Which launch config each kernel runs with, and tuning on first use.
+"""Which launch config each kernel runs with (tuning on first use runs in tuner.py,
+which sits above ops: ops takes it as an argument, first_use, and imports no tuner).
 
 For a CUDA tensor, each kernel launch looks up its shape bucket (tuning/space.py)
 in the user's tuning cache, then in the configs shipped for this GPU
@@ -31,8 +32,8 @@ from .cache import CacheWarning, Store, cache_dir, cache_path, shipped_path
 from .space import bucket
 
 MODES = ("0", "1")
-__all__ = ["CacheWarning", "bucket", "cache_dir", "cache_path", "heuristics_only", "mode", "on_first_use",
-           "select", "source", "store"]
+__all__ = ["CacheWarning", "bucket", "cache_dir", "cache_path", "heuristics_only", "mode", "select",
+           "source", "store"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,31 +150,3 @@ def select(kernel: str, x: torch.Tensor, v, interpret: bool, split: int | None =
         cfg = s.get(bucket(kernel, x.dtype, v)) or _default(kernel, x, v, interpret, split)
         s.memo[key] = cfg
     return cfg
-
-
-def _capturing_or_tracing(x: torch.Tensor) -> bool:
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
-    return compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def on_first_use(kernels, x: torch.Tensor, v, interpret: bool, **data) -> None:
-    """With TRITONBN_AUTOTUNE=1: tune those of `kernels` whose bucket has no config
-    yet, before the real launch, on scratch buffers (tuner.tune), and save them.
-
-    data: weight, bias, eps, activation, and dy for backward kernels.
-    """
-    if mode() != 1:
-        return
-    gpu = gpu_name(x, interpret)
-    if gpu is None or _capturing_or_tracing(x):
-        return
-    s = store(gpu)
-    missing = [k for k in kernels if s.get(bucket(k, x.dtype, v)) is None]
-    if not missing:
-        return
-    from .tuner import tune
-
-    sim = _simulated
-    results = tune(missing, x, v, interpret=interpret, timer=sim.timer if sim else None,
-                   limit=sim.limit if sim else _limit, **data)
-    s.put({r.bucket: (r.config, {"ms": r.ms, "heuristic_ms": r.default_ms}) for r in results})

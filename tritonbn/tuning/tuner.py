@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import heuristics, ops
+from .. import heuristics, ops, tuning
 from ..testing import poisoned_allocations
-from . import select, space
+from . import bucket, gpu_name, mode, select, space, store
 
 REDUCTION_RTOL = 1e-3
 
@@ -188,3 +188,30 @@ def _tune_one(kernel, stages, timer, interpret, limit, fixed) -> Result | None:
         best = min(timings, key=timings.get)
     result.config, result.ms = best, timings[best]
     return result
+
+
+def _capturing_or_tracing(x: torch.Tensor) -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def on_first_use(kernels, x: torch.Tensor, v, interpret: bool, **data) -> None:
+    """With TRITONBN_AUTOTUNE=1: tune those of `kernels` whose bucket has no config
+    yet, before the real launch, on scratch buffers (tune), and save them. The host
+    ops take it as their first_use argument (autograd.py, library.py pass it).
+
+    data: weight, bias, eps, activation, and dy for backward kernels.
+    """
+    if mode() != 1:
+        return
+    gpu = gpu_name(x, interpret)
+    if gpu is None or _capturing_or_tracing(x):
+        return
+    s = store(gpu)
+    missing = [k for k in kernels if s.get(bucket(k, x.dtype, v)) is None]
+    if not missing:
+        return
+    sim = tuning._simulated  # the test hooks (tuning.simulate_gpu, tuning._limit)
+    results = tune(missing, x, v, interpret=interpret, timer=sim.timer if sim else None,
+                   limit=sim.limit if sim else tuning._limit, **data)
+    s.put({r.bucket: (r.config, {"ms": r.ms, "heuristic_ms": r.default_ms}) for r in results})
