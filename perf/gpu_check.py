@@ -25,18 +25,21 @@ Stages (default order; limits in seconds, 530 in all, with the environment 535):
              14x14), fp16 bn_relu, graph-timed: sets the dispatch threshold;
              then, eager, the split path's combines in launches of their own
              against the last-program combine                                30
+  short_rows perf/short_rows.py: the four tile kernels alone at the 7x7 NCHW fp16
+             layers (batch 32 and 256), 4 vs 8 warps, flat tiles on and off:
+             the choices made from the sm_90 compile alone                   25
   dataset    the per-kernel dataset: the six kernels alone, heuristic configs on
              every shape, then tuning candidates, compiled ahead in parallel;
-             appended to perf/results/kernel-dataset.json                    80
+             appended to perf/results/kernel-dataset.json                    70
   wider      bench resnet50: fp16/bf16, channels_last/NCHW, bn_relu and
              bn_add_relu, tritonbn vs torch; cases already measured on this
-             GPU (this run or perf/results) are skipped, so leases add up     30
+             GPU (this run or perf/results) are skipped, so leases add up     25
   tune       tritonbn tune resnet50/b256 fp16 channels_last, exported as the
-             shipped configs for this GPU                                     35
+             shipped configs for this GPU                                     30
   sanitizer  compute-sanitizer memcheck on small shapes, fp16, relu with and
              without the residual's 1-bit mask, on both paths                 35
   ncu        Nsight Compute on the six kernels at two shapes: DRAM % of peak,
-             occupancy, warp stall reasons (clocks left alone)                40
+             occupancy, warp stall reasons (clocks left alone)                35
   eager      20 BN+ReLU layers, eager vs CUDA graph: host time per layer      40
   report     `tritonbn report` of the bench JSON, and of the graph-timed one  20
 By name only: tests (the whole suite, ~5 min), compiled (perf/compiled_step.py),
@@ -149,6 +152,10 @@ def _paths(ctx):
                      "--budget-s", _budget(ctx.left() - 8)))
 
 
+def _short_rows(ctx):
+    yield Cmd([PY, "perf/short_rows.py", "--out", str(ctx.work / "short_rows.json")])
+
+
 def _dataset(ctx):
     yield Cmd([PY, "-m", "tritonbn.perf.dataset", "--out", str(ctx.work / DATASET),
                "--budget-s", _budget(ctx.left() - 30), "--jobs", "14"])
@@ -223,8 +230,9 @@ class Stage:
 
 STAGES = [
     Stage("smoke", 85, _smoke), Stage("headline", 90, _headline), Stage("device", 45, _device),
-    Stage("paths", 30, _paths), Stage("dataset", 80, _dataset), Stage("wider", 30, _wider),
-    Stage("tune", 35, _tune), Stage("sanitizer", 35, _sanitizer), Stage("ncu", 40, _ncu),
+    Stage("paths", 30, _paths), Stage("short_rows", 25, _short_rows),
+    Stage("dataset", 70, _dataset), Stage("wider", 25, _wider), Stage("tune", 30, _tune),
+    Stage("sanitizer", 35, _sanitizer), Stage("ncu", 35, _ncu),
     Stage("eager", 40, _eager), Stage("report", 20, _report),
     Stage("tests", 300, _tests, default=False), Stage("compiled", 60, _compiled, default=False),
     Stage("quick", 60, _quick, default=False),

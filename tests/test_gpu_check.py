@@ -28,8 +28,9 @@ def _names(archive):
 
 def test_default_plan_fits_one_lease_in_order_of_value():
     stages = gc.plan([], gc.TOTAL_S)
-    assert [s.name for s in stages] == ["smoke", "headline", "device", "paths", "dataset",
-                                        "wider", "tune", "sanitizer", "ncu", "eager", "report"]
+    assert [s.name for s in stages] == ["smoke", "headline", "device", "paths", "short_rows",
+                                        "dataset", "wider", "tune", "sanitizer", "ncu", "eager",
+                                        "report"]
     assert sum(s.limit_s for s in stages) <= gc.TOTAL_S <= 540
     assert stages[0].limit_s <= 90
     with pytest.raises(SystemExit, match="unknown stage"):
@@ -42,6 +43,7 @@ def test_dry_run_prints_every_command(capsys):
     for needle in ("-m gpu_smoke", "--impls tritonbn,torch", "--impls torch_compile",
                    "tritonbn.perf.dataset", "--skip-measured", "tritonbn tune",
                    "compute-sanitizer", "--clock-control none", "perf/eager_step.py",
+                   "perf/short_rows.py",
                    "tritonbn report", "total of stage limits"):
         assert needle in text, needle
 

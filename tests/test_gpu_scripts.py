@@ -201,3 +201,17 @@ def test_eager_step_cpu_needs_the_interpreter(tmp_path):
                    interpret=False)
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_short_rows_smoke(tmp_path):
+    """perf/short_rows.py through the interpreter: every kernel at both warp counts,
+    normalize and dx with flat tiles on and off (and flat where they ran so)."""
+    out = tmp_path / "short_rows.json"
+    proc = _script("short_rows", "--device", "cpu", "--out", str(out), interpret=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "short_rows" and doc["device"] == "interpreter, not performance"
+    seen = {(r["kernel"], r["warps"], r["flat"]) for r in doc["records"]}
+    assert seen == {(k, w, f) for k in ("dx", "normalize") for w in (4, 8) for f in (True, False)} \
+        | {(k, w, False) for k in ("stats", "bwd_reduce") for w in (4, 8)}
+    assert all(r["shape"] == [2, 16, 7, 7] and r["ms"] > 0 for r in doc["records"])
