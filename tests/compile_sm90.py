@@ -372,6 +372,21 @@ TILE_NAMES = {"stats_partial_kernel": "stats", "normalize_kernel": "normalize",
               "bwd_reduce_kernel": "bwd_reduce", "bwd_dx_kernel": "dx"}
 
 
+def _tile_launches(what, cases):
+    """(label, x, v, kernel, row, cfg) of each tile kernel launch without the last-program
+    combine in a bn_relu training step over each case, compiled JIT-equal (not run)."""
+    from tritonbn import heuristics
+
+    for shape, fmt, dtype in cases:
+        label = f"{what} {'x'.join(map(str, shape))}:{fmt}:{dtype}"
+        x, v, rows = _jit_equal_step(label, shape, fmt, dtype, False)
+        for r in rows:
+            kernel = TILE_NAMES.get(r["kernel"])
+            if kernel is not None and not r["combine"]:
+                yield label, x, v, kernel, r, heuristics.Config(r["tile"][0], r["tile"][1], 1,
+                                                                r["warps"])
+
+
 def occupancy_checks():
     """heuristics.SM90_REGISTERS against the compiler: a bn_relu training step over
     each OCCUPANCY_CASES layer, compiled JIT-equal; each tile kernel's registers give
@@ -381,25 +396,18 @@ def occupancy_checks():
     from tritonbn import heuristics
 
     failures, checked = [], 0
-    for shape, fmt, dtype in OCCUPANCY_CASES:
-        label = f"occupancy {'x'.join(map(str, shape))}:{fmt}:{dtype}"
-        x, v, rows = _jit_equal_step(label, shape, fmt, dtype, False)
-        for r in rows:
-            kernel = TILE_NAMES.get(r["kernel"])
-            if kernel is None or r["combine"]:
-                continue
-            cfg = heuristics.Config(r["tile"][0], r["tile"][1], 1, r["warps"])
-            table = heuristics.sm90_registers(kernel, v, cfg, x.element_size())
-            per_sm = heuristics.resident(r["regs"], r["warps"])
-            programs = r["grid"][0] * r["grid"][1]
-            print(f"{label:50} {kernel:10} regs={r['regs']} table={table} "
-                  f"programs={programs} waves={programs / (per_sm * 132):.2f}", flush=True)
-            checked += 1
-            if table is None or heuristics.resident(table, r["warps"]) != per_sm:
-                failures.append(f"{label} {kernel}: {r['regs']} registers, the table {table}")
-            elif (kernel in heuristics.SIZED_BY_WAVES
-                  and not heuristics.whole_waves(programs, per_sm * 132)):
-                failures.append(f"{label} {kernel}: {programs} programs, {per_sm} per SM")
+    for label, x, v, kernel, r, cfg in _tile_launches("occupancy", OCCUPANCY_CASES):
+        table = heuristics.sm90_registers(kernel, v, cfg, x.element_size())
+        per_sm = heuristics.resident(r["regs"], r["warps"])
+        programs = r["grid"][0] * r["grid"][1]
+        print(f"{label:50} {kernel:10} regs={r['regs']} table={table} "
+              f"programs={programs} waves={programs / (per_sm * 132):.2f}", flush=True)
+        checked += 1
+        if table is None or heuristics.resident(table, r["warps"]) != per_sm:
+            failures.append(f"{label} {kernel}: {r['regs']} registers, the table {table}")
+        elif (kernel in heuristics.SIZED_BY_WAVES
+              and not heuristics.whole_waves(programs, per_sm * 132)):
+            failures.append(f"{label} {kernel}: {programs} programs, {per_sm} per SM")
     assert not failures, "\n".join(failures)
     print(f"occupancy checked {checked} launches", flush=True)
 
@@ -410,18 +418,12 @@ def registers_table(cases=OCCUPANCY_CASES):
     `key: registers,` line per tile kernel launch without the last-program combine,
     in the table's key (sm90_registers), to paste under its Triton version. Run:
     env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 python tests/compile_sm90.py --registers"""
+    from tritonbn import heuristics
+
     entries = {}
-    for shape, fmt, dtype in cases:
-        label = f"registers {'x'.join(map(str, shape))}:{fmt}:{dtype}"
-        x, v, rows = _jit_equal_step(label, shape, fmt, dtype, False)
-        for r in rows:
-            kernel = TILE_NAMES.get(r["kernel"])
-            if kernel is None or r["combine"]:
-                continue
-            aligned = (v.C if v.channel_last else v.inner) % 16 == 0
-            key = (kernel, v.channel_last, r["warps"], min(x.element_size(), 4), r["tile"][0],
-                   r["tile"][1], aligned)
-            entries[key] = max(entries.get(key, 0), r["regs"])
+    for _, x, v, kernel, r, cfg in _tile_launches("registers", cases):
+        key = heuristics.sm90_key(kernel, v, cfg, x.element_size())
+        entries[key] = max(entries.get(key, 0), r["regs"])
     print(f"# triton {triton.__version__}")
     for key, regs in sorted(entries.items()):
         print(f"    {key!r}: {regs},")

@@ -248,13 +248,18 @@ def _triton_version() -> str:
     return ".".join(triton.__version__.split(".")[:2])
 
 
+def sm90_key(kernel: str, v: View, cfg, elem_size: int) -> tuple:
+    """SM90_REGISTERS' key of a launch of kernel on cfg (BLOCK_M, BLOCK_C, num_warps)
+    over v."""
+    aligned = (v.C if v.channel_last else v.inner) % 16 == 0
+    return (kernel, v.channel_last, cfg.num_warps, min(elem_size, 4), cfg.BLOCK_M, cfg.BLOCK_C,
+            aligned)
+
+
 def sm90_registers(kernel: str, v: View, cfg, elem_size: int) -> int | None:
     """SM90_REGISTERS' entry for the installed Triton of a launch of kernel on cfg
     (BLOCK_M, BLOCK_C, num_warps) over v; None where it has none."""
-    table = SM90_REGISTERS.get(_triton_version(), {})
-    aligned = (v.C if v.channel_last else v.inner) % 16 == 0
-    return table.get((kernel, v.channel_last, cfg.num_warps, min(elem_size, 4), cfg.BLOCK_M,
-                      cfg.BLOCK_C, aligned))
+    return SM90_REGISTERS.get(_triton_version(), {}).get(sm90_key(kernel, v, cfg, elem_size))
 
 
 def resident(regs: int, num_warps: int) -> int:
