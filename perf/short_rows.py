@@ -32,10 +32,11 @@ INTERPRETER = "interpreter, not performance"
 
 
 def _time_ms(fn, device) -> float:
+    """do_bench's median on a GPU (the tuner's timer); one timed call on the CPU."""
     if device.type == "cuda":
-        import triton.testing
+        from tritonbn.tuning.tuner import do_bench_ms
 
-        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+        return do_bench_ms(fn, warmup_ms=5, rep_ms=20)
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
