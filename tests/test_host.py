@@ -110,7 +110,8 @@ def _step(bn, shape, fmt=torch.contiguous_format, dtype=torch.float32, residual=
 
 
 def _n_plans():
-    return sum(isinstance(p, (ops._FwdPlan, ops._BwdPlan)) for p in ops._plans.values())
+    """Distinct plans (a single-program forward's is also kept under its call's signature)."""
+    return len({id(p) for p in ops._plans.values() if isinstance(p, (ops._FwdPlan, ops._BwdPlan))})
 
 
 def test_a_changed_signature_never_reuses_a_plan(monkeypatch, tmp_path):
@@ -162,7 +163,7 @@ def test_a_changed_alpha_or_slope_never_reuses_a_plan(monkeypatch, path):
             y64.backward(dy.double())
             torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
-            plans |= {k for k, p in ops._plans.items()
+            plans |= {id(p) for k, p in ops._plans.items()
                       if isinstance(p, (ops._FwdPlan, ops._BwdPlan)) and act in k}
         assert len(plans) == 2 * 3, plans  # forward and backward, per distinct value
 
@@ -508,3 +509,62 @@ def test_a_refused_launch_overrides_changes_nothing():
         with ops.launch_overrides(stats=Config(8, 8, 2), nonesuch=Config(8, 8, 2)):
             pass
     assert ops._overrides == before
+
+
+def test_a_call_signature_never_reuses_a_stale_plan():
+    """A single-program forward finds its plan by the call's signature in one lookup
+    (ops.forward: shape, strides, dtype, device, flags, scalars, which tensors are
+    given, the launch_overrides epoch). Each part changed in turn, between calls of
+    the base signature: a plan of its own (the base's again on the way back), and
+    every y, running stat and num_batches_tracked torch's, in float64."""
+    from tritonbn import reference
+    C, base = 4, dict(shape=(3, 4, 5, 2), fmt=torch.contiguous_format, dtype=torch.float32,
+                      batch=True, count=True, momentum=0.1, eps=1e-5, act="relu", slope=0.01,
+                      affine=True, running=True, residual=False, strided=False)
+
+    def call(**changed):
+        k = base | changed
+        shape = (*k["shape"][:-1], 2 * k["shape"][-1]) if k["strided"] else k["shape"]
+        x = make_input(shape, k["dtype"], k["fmt"])
+        if k["strided"]:  # every other column: no tiling fits, the kernels read a copy
+            x = x[..., ::2]
+        z = make_input(k["shape"], k["dtype"], k["fmt"], mean=-0.5) if k["residual"] else None
+        w, b, rm, rv = (torch.rand(C, device=DEVICE) * 0.5 + m for m in (0.8, -0.2, 0.1, 0.9))
+        w, b = (w, b) if k["affine"] else (None, None)
+        rm, rv = (rm, rv) if k["running"] else (None, None)
+        nbt = torch.tensor(7, device=DEVICE) if k["running"] else None
+        want = [t.double().clone() if t is not None else None for t in (rm, rv)]
+        y, *_, plan = ops.forward(x, w, b, rm, rv, nbt, k["batch"], k["momentum"], k["eps"],
+                                  k["act"], residual=z, slope=k["slope"],
+                                  count=k["count"] and k["running"] and k["batch"])
+        f64 = [t.double() if t is not None else None for t in (x, w, b)]
+        y64 = torch.nn.functional.batch_norm(f64[0], *want, *f64[1:], k["batch"],
+                                             k["momentum"], k["eps"])
+        y64 = reference.activate(y64 + (z.double() if z is not None else 0), k["act"], k["slope"])
+        tol = 1e-5 if k["dtype"] == torch.float32 else 1e-2
+        torch.testing.assert_close(y.double(), y64, atol=tol, rtol=tol)
+        if k["running"]:
+            torch.testing.assert_close(rm.double(), want[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(rv.double(), want[1], atol=1e-6, rtol=1e-6)
+            assert nbt.item() == 7 + (k["count"] and k["batch"])
+        return plan
+
+    first = call()
+    assert first is not None and first.fused is not None and call() is first
+    changes = dict(shape=(3, 4, 5, 3), fmt=torch.channels_last, dtype=torch.float16,
+                   count=False, momentum=0.3, eps=1e-3, act="silu", slope=0.5, affine=False,
+                   running=False, residual=True)
+    for part, value in changes.items():
+        plan = call(**{part: value})
+        changed = call(**{part: value})
+        assert plan is not first and changed is plan, part
+        assert call() is first, part
+    eval_plan = call(batch=False)  # eval: the split path's normalize, not looked up so
+    assert eval_plan is not first and eval_plan.fused is None and call() is first
+    assert call(strided=True) is first  # read through a contiguous copy: the base's plan
+    assert call(strided=True) is first and call() is first
+    assert not any(k[0] == "signature" and k[2] == (80, 20, 4, 2) for k in ops._plans)
+    with ops.launch_overrides(path="fused"):  # another epoch: looked up anew
+        n = sum(k[0] == "signature" for k in ops._plans)
+        assert call() is first
+        assert sum(k[0] == "signature" for k in ops._plans) == n + 1

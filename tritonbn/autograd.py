@@ -44,8 +44,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, spec: Spec):
         y, xk, v, mean, s, mask, count, plan = _forward(x, weight, bias, residual, spec)
-        if residual is None:  # the common case, with the fewest saved tensors (host time)
-            ctx.save_for_backward(xk, weight, bias, mean, s, count)
+        if residual is None and count is None:  # the common case: the fewest saved (host time)
+            ctx.save_for_backward(xk, weight, bias, mean, s)
         else:
             mode = ops.residual_mode(spec.activation, True)
             ctx.save_for_backward(xk, weight, bias, mean, s, count,
@@ -64,8 +64,8 @@ class BatchNormFunction(torch.autograd.Function):
 def _backward(ctx, dy):
     """The kernels' backward; grad mode is off (autograd's default in backward), so
     nothing here records a graph."""
-    x, weight, bias, mean, s, count, *kept = ctx.saved_tensors
-    mask, residual = kept or (None, None)
+    x, weight, bias, mean, s, *kept = ctx.saved_tensors
+    count, mask, residual = kept or (None, None, None)
     spec = ctx.spec
     dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, spec.batch, spec.eps,
                                   spec.activation, ctx.needs_input_grad[:4], spec.slope,

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .functional import _batch_norm
 from .modules import _BatchNormAct, _new_batchnorm
 
 
@@ -95,15 +96,15 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         state = self._state()
-        args = self._bn_args(input, state)
+        rm, rv, training, momentum, nbt, count = self._bn_args(input, state)
         comm = None
-        if (args[2] and self.training and dist.is_available()
-                and dist.is_initialized()):
+        if training and self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
             if world_size >= _MIN_WORLD:
                 comm = _Collectives(group, world_size)
-        return self._forward(input, residual, state, args, comm)
+        return _batch_norm(input, rm, rv, state[0], state[1], training, momentum, self.eps,
+                           self.activation, nbt, residual, self._slope(), comm, count)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

@@ -73,13 +73,9 @@ class _BatchNormAct:
     def forward(self, input, residual=None):
         """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
         state = self._state()
-        return self._forward(input, residual, state, self._bn_args(input, state))
-
-    def _forward(self, input, residual, state, args, comm=None):
-        running_mean, running_var, training, momentum, nbt, count = args
-        return _batch_norm(input, running_mean, running_var, state[0], state[1], training,
-                           momentum, self.eps, self.activation, nbt, residual, self._slope(),
-                           comm, count)
+        rm, rv, training, momentum, nbt, count = self._bn_args(input, state)
+        return _batch_norm(input, rm, rv, state[0], state[1], training, momentum, self.eps,
+                           self.activation, nbt, residual, self._slope(), None, count)
 
     def _act_repr(self):
         out = f"activation={self.activation!r}"
