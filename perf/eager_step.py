@@ -20,6 +20,8 @@ kept), and the GPU operations one step launches (torch.profiler). A capture that
 fails is recorded and the run goes on; after replay the graph's output and grads
 are checked against an eager step's. When the GPU, not the host, bounds the eager
 step (large shapes), eager ≈ graph and the difference says nothing about host time.
+On a GPU the JSON also holds `launch_host` (launch_host_us): the host µs of one
+launch through tritonbn's fast launch against the compiled kernel's launcher alone.
 
 Usage: python perf/eager_step.py --out eager.json [--shapes "32,256,14,14;256,64,56,56"]
        TRITON_INTERPRET=1 python perf/eager_step.py --device cpu --out x.json
@@ -167,6 +169,58 @@ def measure(impl, shape, args, device) -> dict:
     return rec
 
 
+def launch_host_us(device, calls: int = 1000) -> list[dict]:
+    """Host µs per launch of a small tritonbn BN+ReLU training step's kernels
+    (2x64x4x4 float16 channels_last: the single-program path, a launch each way),
+    each launch timed `calls` times three ways: through ops._go (tritonbn's fast
+    launch), through the compiled kernel's launcher alone (Triton's own cost), and
+    _go's specialization key alone (ops._spec, every pointer's dtype and alignment).
+    go - launcher is what tritonbn adds to a launch (issue 14). Only launches whose
+    compiled kernel was kept are timed: none under the interpreter."""
+    import tritonbn
+    from tritonbn import ops
+
+    bn = tritonbn.BatchNorm2d(64, activation="relu").to(device)
+    x = torch.randn(2, 64, 4, 4, device=device, dtype=torch.float16)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(3):  # compiles; the later launches keep their kernels
+        bn(x).float().sum().backward()
+    seen, real = [], ops._go
+
+    def spy(fn, launch, compiled, name, *ptrs):
+        seen.append((fn, launch, compiled, name, ptrs))
+        return real(fn, launch, compiled, name, *ptrs)
+
+    ops._go = spy
+    try:
+        bn(x).float().sum().backward()
+    finally:
+        ops._go = real
+    records = []
+    for fn, launch, compiled, name, ptrs in seen:
+        hit = compiled.get(name)
+        if hit is None:
+            continue
+        k, (grid, args, _) = hit[1], launch
+        dev, stream = ops._device_stream()
+        g = (*grid, 1, 1)[:3]
+        ways = {"go_us": lambda: real(fn, launch, compiled, name, *ptrs),
+                "launcher_us": lambda: k.run(*g, stream, k.function, k.packed_metadata,
+                                             None, None, None, *ptrs, *args),
+                "spec_us": lambda: ops._spec(ptrs, dev)}
+        rec = {"kernel": getattr(fn, "__name__", type(fn).__name__), "pointers": len(ptrs),
+               "scalars": len(args), "calls": calls}
+        for key, way in ways.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                way()
+            sync(device)
+            rec[key] = (time.perf_counter() - t0) / calls * 1e6
+        records.append(rec)
+    return records
+
+
 def environment(device) -> dict:
     import datetime
     import platform
@@ -239,6 +293,14 @@ def main(argv=None) -> int:
            "layers": args.layers, "steps": args.steps, "repeats": args.repeats,
            "grads": "set to None before each step (zero_grad(set_to_none=True))",
            "records": records}
+    if device.type == "cuda":
+        try:
+            doc["launch_host"] = launch_host_us(device)
+            for r in doc["launch_host"]:
+                print(f"launch {r['kernel']:24} _go {r['go_us']:.1f} µs  launcher alone "
+                      f"{r['launcher_us']:.1f} µs  _spec {r['spec_us']:.1f} µs", flush=True)
+        except Exception as e:  # noqa: BLE001 - the stack's timings still stand
+            doc["launch_host_error"] = f"{type(e).__name__}: {e}"[:500]
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     bad = [r for r in records if "error" in r or (not cpu and r.get("graph_matches_eager") is not True)]

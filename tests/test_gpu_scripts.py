@@ -196,6 +196,45 @@ def test_eager_step_smoke(tmp_path):
         assert "graph_ms" not in r  # no CUDA graph on the CPU
 
 
+def test_launch_host_times_each_kept_launch(monkeypatch):
+    """eager_step.launch_host_us with stand-in compiled kernels (the fast launch on
+    the CPU): one record per launch of the small training step, the single-program
+    forward and backward, each way timed, the launcher called with every pointer and
+    scalar."""
+    from tritonbn import ops
+
+    eager_step = _load("eager_step")
+    monkeypatch.setattr(ops, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(ops, "_device_stream", lambda: (0, 1234))
+    monkeypatch.setattr(ops, "_plans", {})
+    runs = []
+
+    class Compiled:
+        function, packed_metadata = "handle", "metadata"
+
+        def run(self, *args):
+            runs.append(len(args))
+
+    class Jit:
+        pre_run_hooks = []
+
+        def __init__(self, name):
+            self.__name__ = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **options: Compiled()
+
+    for name in ("fused_forward_kernel", "fused_backward_kernel"):
+        monkeypatch.setattr(ops.K, name, Jit(name))
+    records = eager_step.launch_host_us(torch.device("cpu"), calls=7)
+    assert [r["kernel"] for r in records] == ["fused_forward_kernel", "fused_backward_kernel"]
+    for r in records:
+        assert r["calls"] == 7 and all(r[k] > 0 for k in ("go_us", "launcher_us", "spec_us"))
+    # grid, stream, handle, metadata, 3 hooks, then the arguments; 14 timed runs a launch
+    expected = [9 + r["pointers"] + r["scalars"] for r in records]
+    assert sorted(set(runs)) == sorted(set(expected)) and len(runs) >= 2 * 14
+
+
 def test_eager_step_cpu_needs_the_interpreter(tmp_path):
     proc = _script("eager_step", "--device", "cpu", "--out", str(tmp_path / "x.json"),
                    interpret=False)
