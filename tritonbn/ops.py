@@ -662,7 +662,6 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
     return y, x, v, mean, s, mask, None, p
 
 
-
 def _forward_planned(x, v, weight, bias, running_mean, running_var, num_batches_tracked, batch,
                      momentum, eps, activation, slope, z, tile, count):
     """forward's launches from a cached plan (issue 14: host time): the same kernels,
@@ -720,7 +719,8 @@ class _FwdPlan:
     """The launches of one forward signature, built once: (grid, scalar arguments,
     options) of each kernel, the shapes to allocate, and the running-stat flags; and,
     for the single-program path, the backward plans (backward) its calls' backward
-    found, by the grads needed, with the launch_overrides epoch they were found in."""
+    found, by the grads needed, with the launch_overrides epoch they were found in,
+    and the view it was made for (view: forward's signature lookup returns it)."""
     __slots__ = ("acc", "partials", "stat", "stats", "stats_last", "combine", "normalize",
                  "mask", "update", "nbt", "fused", "compiled", "backward", "view")
 
