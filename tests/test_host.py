@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tritonbn
 from conftest import DEVICE, LAYOUTS, make_input
@@ -568,3 +570,57 @@ def test_a_call_signature_never_reuses_a_stale_plan():
         n = sum(k[0] == "signature" for k in ops._plans)
         assert call() is first
         assert sum(k[0] == "signature" for k in ops._plans) == n + 1
+
+
+
+_ACTIONS = st.one_of(
+    st.tuples(st.just("step"), st.sampled_from([((3, 4, 5, 2), torch.contiguous_format),
+                                                ((3, 4, 5, 2), torch.channels_last),
+                                                ((2, 4, 3, 3), torch.contiguous_format)])),
+    st.tuples(st.just("train"), st.booleans()),
+    st.tuples(st.just("momentum"), st.sampled_from([0.1, 0.5, None])),
+    st.tuples(st.just("eps"), st.sampled_from([1e-5, 1e-2])),
+    st.tuples(st.just("reset"), st.just(None)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(actions=st.lists(_ACTIONS, min_size=4, max_size=12), act=st.sampled_from([None, "relu"]))
+def test_module_state_changed_between_calls_matches_torch(actions, act):
+    """One module whose state changes between calls as a training script may change
+    it (train and eval, momentum with None among its values, eps,
+    reset_running_stats, the input's shape and memory format): after the same
+    actions every output, grad, running stat and num_batches_tracked equals torch's
+    module in float64, so no cached plan or signature outlives what it was made for."""
+    ours = tritonbn.BatchNorm2d(4, activation=act, device=DEVICE)
+    ref = torch.nn.BatchNorm2d(4, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    steps = 0
+    for what, value in actions + [("step", ((3, 4, 5, 2), torch.contiguous_format))]:
+        if what != "step":
+            for m in (ours, ref):
+                if what == "train":
+                    m.train(value)
+                elif what == "reset":
+                    m.reset_running_stats()
+                else:
+                    setattr(m, what, value)
+            continue
+        steps += 1
+        shape, fmt = value
+        x = make_input(shape, memory_format=fmt, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+        dy = make_input(shape, memory_format=fmt, mean=0.3)
+        y, y64 = ours(x), ref(x64)
+        y64 = torch.relu(y64) if act == "relu" else y64
+        y.backward(dy)
+        y64.backward(dy.double())
+        assert y.stride() == x.stride()
+        for a, b in [(y, y64), (x.grad, x64.grad), (ours.weight.grad, ref.weight.grad),
+                     (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
+                     (ours.running_var, ref.running_var)]:
+            torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4)
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+    assert steps >= 1
