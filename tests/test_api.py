@@ -1,4 +1,5 @@
 """Module and functional API: torch.nn's semantics, state_dict, repr, errors."""
+import copy
 import re
 
 import pytest
@@ -107,13 +108,35 @@ def test_channel_mismatch():
                       training=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_integer_input(dtype):
-    x = torch.ones(2, 3, 4, 4, dtype=dtype, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        tritonbn.BatchNorm2d(3, device=DEVICE)(x)
-    with pytest.raises(NotImplementedError):
-        nn.BatchNorm2d(3, device=DEVICE)(x)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
+                                   torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=str)
+def test_input_dtypes_the_kernels_do_not_take(dtype):
+    """Integers, bool, complex and float8 raise torch's own error and message (its CPU
+    batch_norm's: '"batch_norm" not implemented for 'Long''), in training and eval,
+    module and functional; float8 would otherwise run the kernels, untested."""
+    x = torch.ones(2, 3, 4, 4, device=DEVICE).to(dtype)
+    with pytest.raises(NotImplementedError) as theirs:
+        nn.functional.batch_norm(x.cpu(), None, None, training=True)
+    assert "not implemented for '" in str(theirs.value)
+    module = tritonbn.BatchNorm2d(3, device=DEVICE)
+    for call in (module, copy.deepcopy(module).eval(),
+                 lambda x: TF.batch_norm(x, None, None, training=True, activation="relu")):
+        with pytest.raises(NotImplementedError) as ours:
+            call(x)
+        assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_per_channel_float8_refused(name):
+    x = make_input((2, 3, 4))
+    ones, zeros = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    args = dict(running_mean=zeros, running_var=ones, weight=ones.clone(), bias=zeros.clone())
+    args[name] = args[name].to(torch.float8_e4m3fn)
+    for training in (True, False):
+        msg = f"{name} must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"
+        with pytest.raises(NotImplementedError, match=msg):
+            TF.batch_norm(x, training=training, **args)
 
 
 def test_eval_without_running_stats_and_functional_momentum_none():

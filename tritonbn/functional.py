@@ -14,6 +14,10 @@ def check_activation(activation):
     return activation
 
 
+# the dtypes the kernels take, of the input and of the per-channel tensors
+_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
 def _check(input, running_mean, running_var, weight, bias, training, eps, synced=False):
     """torch's checks and messages, in torch's order where it matters (the batch size,
     then eps, then the rest); synced (SyncBatchNorm across processes) allows one
@@ -33,12 +37,11 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
                              f"got input size {input.size()}")
     if eps <= 0:
         _torch_eps_check(training, eps)
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}')
+    if input.dtype not in _DTYPES:
+        _torch_dtype_check(input.dtype)
     device = input.device
     for t in (running_mean, running_var, weight, bias):  # the common case, cheaply
-        if t is not None and not (t.numel() == C and t.is_floating_point()
-                                  and t.device == device):
+        if t is not None and not (t.numel() == C and t.dtype in _DTYPES and t.device == device):
             _check_per_channel(input, running_mean, running_var, weight, bias)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -53,11 +56,24 @@ def _check_per_channel(input, running_mean, running_var, weight, bias):
             continue
         if t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-        if not t.is_floating_point():
-            raise NotImplementedError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype not in _DTYPES:
+            raise NotImplementedError(f"{name} must be float16, bfloat16, float32 or float64, "
+                                      f"got {t.dtype}")
         if t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {input.device}")
+
+
+def _torch_dtype_check(dtype):
+    """torch's own error for an input of a dtype the kernels do not take (integers,
+    bool, complex, float8), its type and message ('"batch_norm" not implemented for
+    \'Long\''), asked of its batch_norm on a two-element CPU tensor; ours in its words
+    where this torch would take that dtype."""
+    try:
+        torch.nn.functional.batch_norm(torch.zeros(2, 1, dtype=dtype), None, None, training=True)
+    except (NotImplementedError, RuntimeError, TypeError) as e:
+        raise type(e)(str(e)) from None
+    raise NotImplementedError(f'"batch_norm" not implemented for {dtype}')
 
 
 def _torch_eps_check(training, eps):
