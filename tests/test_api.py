@@ -149,6 +149,31 @@ def test_eval_without_running_stats_and_functional_momentum_none():
     assert torch.equal(rm, torch.zeros(3, device=DEVICE))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("given", ["running_mean", "running_var", "neither", "short_mean"])
+def test_one_running_stat_errors_as_torch(given, training):
+    """One running stat without the other: torch's error and message (ValueError in
+    training, running_var's or running_mean's RuntimeError in eval), sizes first; the
+    one given is left as it was. Neither, in training, runs."""
+    x = make_input((3, 4, 2))
+    stats = {"running_mean": torch.full((4,), 0.5), "running_var": torch.full((4,), 2.0),
+             "neither": None, "short_mean": torch.zeros(5)}
+    args = [stats[given] if given in ("running_mean", "short_mean") else None,
+            stats[given] if given == "running_var" else None]
+    if given == "neither" and training:
+        ref = nn.functional.batch_norm(x.double().cpu(), None, None, training=True)
+        assert_close(TF.batch_norm(x, None, None, training=True), ref, torch.float32, 4)
+        return
+    with pytest.raises(Exception) as theirs:
+        nn.functional.batch_norm(x.cpu(), *args, training=training)
+    args = [a.to(DEVICE) if a is not None else None for a in args]
+    before = [a.clone() if a is not None else None for a in args]
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        TF.batch_norm(x, *args, training=training, activation="relu")
+    for a, b in zip(args, before):
+        assert a is None or torch.equal(a, b)
+
+
 def test_functional_matches_torch_functional():
     x = make_input((4, 3, 5, 5), memory_format=torch.channels_last)
     rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5

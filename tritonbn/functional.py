@@ -42,26 +42,36 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, synced
     device = input.device
     for t in (running_mean, running_var, weight, bias):  # the common case, cheaply
         if t is not None and not (t.numel() == C and t.dtype in _DTYPES and t.device == device):
-            _check_per_channel(input, running_mean, running_var, weight, bias)
-    if not training and (running_mean is None or running_var is None):
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+            _check_per_channel(input, running_mean, running_var, weight, bias, training)
+    if (running_mean is None) != (running_var is None) or (not training and running_mean is None):
+        _check_per_channel(input, running_mean, running_var, weight, bias, training)
 
 
-def _check_per_channel(input, running_mean, running_var, weight, bias):
-    """The per-channel tensors' errors, torch's messages, the first one found."""
+def _check_per_channel(input, running_mean, running_var, weight, bias, training):
+    """The per-channel tensors' errors, the first one found, with torch's messages in
+    torch's order: each one's size (and in eval, the running stats' presence), in
+    argument order; then dtypes and devices; then the running stats, both or neither."""
     C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+             ("bias", bias))
+    for name, t in named:
+        if t is None:
+            if not training and name.startswith("running"):
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    for name, t in named:
         if t is None:
             continue
-        if t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
         if t.dtype not in _DTYPES:
             raise NotImplementedError(f"{name} must be float16, bfloat16, float32 or float64, "
                                       f"got {t.dtype}")
         if t.device != input.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
                                f"{t.device} and input is on {input.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         "None")
 
 
 def _torch_dtype_check(dtype):
