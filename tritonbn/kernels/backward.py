@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .common import (RES_MASK, TILE_RANGE, channel_block, channel_params, flat_tile,
-                     last_to_arrive, load_dy_xhat, mask_tile, per_tile, tile_ptrs, tile_range,
-                     tile_rows)
+                     last_to_arrive, load_dy_xhat, mask_tile, per_channel, per_tile, tile_ptrs,
+                     tile_range, tile_rows)
 
 
 @triton.jit
@@ -108,9 +108,9 @@ def combine_grads(partials_ptr, sums_ptr, dw_ptr, db_ptr, c, cmask, C, SPLIT,
     tl.store(sums_ptr + c, sum_dy, mask=cmask)
     tl.store(sums_ptr + C + c, sum_dy_xhat, mask=cmask)
     if HAS_DW:
-        tl.store(dw_ptr + c, sum_dy_xhat.to(dw_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dw_ptr + c, per_channel(sum_dy_xhat, dw_ptr), mask=cmask)
     if HAS_DB:
-        tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
+        tl.store(db_ptr + c, per_channel(sum_dy, db_ptr), mask=cmask)
 
 
 @triton.jit(do_not_specialize=TILE_RANGE)

@@ -187,6 +187,17 @@ def channel_affine(w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.conste
 
 
 @triton.jit
+def per_channel(v, ptr):
+    """v (the accumulation dtype) in the element dtype of ptr, a per-channel tensor
+    (running stats, dweight, dbias), as torch rounds it: through float32 unless that
+    is float64, since c10's Half and BFloat16 are made from a float. Triton's
+    interpreter also casts float64 to bfloat16 as an integer (0.35 -> 0)."""
+    if ptr.dtype.element_ty != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def mask_tile(t, M_OUTER, M_INNER, n_inner_tiles, ms_outer, ms_inner, mcoffs,
               BLOCK_M: tl.constexpr, CHANNEL_LAST: tl.constexpr, INT64: tl.constexpr):
     """Offsets and validity of the [BLOCK_M // 8, BLOCK_C] bytes of the bit mask that

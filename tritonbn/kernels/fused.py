@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import (RES_MASK, act_keep, activate, channel_affine, channel_block,
-                     channel_params, count_batch, load_dy_xhat, pack_bits)
+                     channel_params, count_batch, load_dy_xhat, pack_bits, per_channel)
 
 
 @triton.jit
@@ -88,8 +88,8 @@ def fused_forward_kernel(
         rvar = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
         rmean = (1.0 - factor) * rmean + factor * mean
         rvar = (1.0 - factor) * rvar + factor * (var * (n / (n - 1.0)))
-        tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rmean_ptr + c, per_channel(rmean, rmean_ptr), mask=cmask)
+        tl.store(rvar_ptr + c, per_channel(rvar, rvar_ptr), mask=cmask)
     if WRITE_Y:
         w, b = channel_affine(w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACC)
         pre = xc * (invstd * w)[None, :] + b[None, :]
@@ -144,9 +144,9 @@ def fused_backward_kernel(
     sum_dy = tl.sum(dy, axis=0)
     sum_dy_xhat = tl.sum(dy * xhat, axis=0)
     if HAS_DW:
-        tl.store(dw_ptr + c, sum_dy_xhat.to(dw_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dw_ptr + c, per_channel(sum_dy_xhat, dw_ptr), mask=cmask)
     if HAS_DB:
-        tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
+        tl.store(db_ptr + c, per_channel(sum_dy, db_ptr), mask=cmask)
     if WRITE_DZ:
         tl.store(dz_ptr + ptrs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
     if WRITE_DX:

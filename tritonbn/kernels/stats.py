@@ -18,8 +18,8 @@ launches no add of its own (issue 14).
 import triton
 import triton.language as tl
 
-from .common import (TILE_RANGE, channel_block, count_batch, last_to_arrive, tile_range,
-                     tile_rows)
+from .common import (TILE_RANGE, channel_block, count_batch, last_to_arrive, per_channel,
+                     tile_range, tile_rows)
 
 
 @triton.jit(do_not_specialize=TILE_RANGE)
@@ -154,5 +154,5 @@ def combine_stats(
             unbiased = var * (n / (n - 1.0))  # n: the count summed over every partial
             rmean = (1.0 - factor) * rmean + factor * mean
             rvar = (1.0 - factor) * rvar + factor * unbiased
-            tl.store(rmean_ptr + c, rmean.to(rmean_ptr.dtype.element_ty), mask=cmask)
-            tl.store(rvar_ptr + c, rvar.to(rvar_ptr.dtype.element_ty), mask=cmask)
+            tl.store(rmean_ptr + c, per_channel(rmean, rmean_ptr), mask=cmask)
+            tl.store(rvar_ptr + c, per_channel(rvar, rvar_ptr), mask=cmask)
