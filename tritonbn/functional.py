@@ -74,27 +74,29 @@ def _check_per_channel(input, running_mean, running_var, weight, bias, training)
                          "None")
 
 
+def _raise_as_torch(errors, input, *args, **kwargs):
+    """Raise torch's own error for a call of its batch_norm on input (a tiny CPU tensor)
+    with these arguments, its type and message, where it raises one of errors."""
+    try:
+        torch.nn.functional.batch_norm(input, *args, **kwargs)
+    except errors as e:
+        raise type(e)(str(e)) from None
+
+
 def _torch_dtype_check(dtype):
     """torch's own error for an input of a dtype the kernels do not take (integers,
     bool, complex, float8), its type and message ('"batch_norm" not implemented for
-    \'Long\''), asked of its batch_norm on a two-element CPU tensor; ours in its words
-    where this torch would take that dtype."""
-    try:
-        torch.nn.functional.batch_norm(torch.zeros(2, 1, dtype=dtype), None, None, training=True)
-    except (NotImplementedError, RuntimeError, TypeError) as e:
-        raise type(e)(str(e)) from None
+    \'Long\''); ours in its words where this torch would take that dtype."""
+    _raise_as_torch((NotImplementedError, RuntimeError, TypeError),
+                    torch.zeros(2, 1, dtype=dtype), None, None, training=True)
     raise NotImplementedError(f'"batch_norm" not implemented for {dtype}')
 
 
 def _torch_eps_check(training, eps):
     """torch's own answer to an eps <= 0, its error and message (they differ between
-    torch versions: 2.13 allows eps = 0 in eval, 2.11 does not), asked of its
-    batch_norm on a two-element CPU tensor."""
-    try:
-        torch.nn.functional.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1),
-                                       training=training, eps=eps)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    torch versions: 2.13 allows eps = 0 in eval, 2.11 does not)."""
+    _raise_as_torch(ValueError, torch.ones(2, 1), torch.zeros(1), torch.ones(1),
+                    training=training, eps=eps)
 
 
 def _check_number(name, value):
