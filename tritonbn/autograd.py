@@ -18,36 +18,28 @@ from . import ops
 from .tuning.tuner import on_first_use
 
 
-class Spec:
-    """What a call knows besides its differentiable inputs (x, weight, bias, residual):
-    one argument instead of nine, since autograd looks at each argument of apply."""
-    __slots__ = ("running_mean", "running_var", "num_batches_tracked", "batch", "momentum",
-                 "eps", "activation", "slope", "comm", "count")
-
-    def __init__(self, running_mean, running_var, num_batches_tracked, batch, momentum, eps,
-                 activation, slope, comm=None, count=False):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.num_batches_tracked, self.batch, self.momentum = num_batches_tracked, batch, momentum
-        self.eps, self.activation, self.slope, self.comm = eps, activation, slope, comm
-        self.count = count  # num_batches_tracked += 1 (ops.forward)
+# What a call knows besides its differentiable inputs (x, weight, bias, residual), as
+# one argument of apply, since autograd looks at each one: a plain tuple of these
+# fields, ops.forward's arguments after bias, in this order (a class's constructor,
+# even a NamedTuple's made in C, costs ~1 µs of host time a call more: issue 14)
+SPEC = ("running_mean", "running_var", "num_batches_tracked", "batch", "momentum", "eps",
+        "activation", "slope", "comm", "count")
+_ACTIVATION = SPEC.index("activation")
 
 
-def _forward(x, weight, bias, residual, spec: Spec):
+def _forward(x, weight, bias, residual, spec: tuple):
     """ops.forward of a call."""
-    return ops.forward(x, weight, bias, spec.running_mean, spec.running_var,
-                       spec.num_batches_tracked, spec.batch, spec.momentum, spec.eps,
-                       spec.activation, residual=residual, slope=spec.slope, comm=spec.comm,
-                       count=spec.count, first_use=on_first_use)
+    return ops.forward(x, weight, bias, *spec, on_first_use, residual)
 
 
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, spec: Spec):
+    def forward(ctx, x, weight, bias, residual, spec: tuple):
         y, xk, v, mean, s, mask, count, plan = _forward(x, weight, bias, residual, spec)
         if residual is None and count is None:  # the common case: the fewest saved (host time)
             ctx.save_for_backward(xk, weight, bias, mean, s)
         else:
-            mode = ops.residual_mode(spec.activation, True)
+            mode = ops.residual_mode(spec[_ACTIVATION], True)
             ctx.save_for_backward(xk, weight, bias, mean, s, count,
                                   mask if mode == ops.RES_MASK else None,
                                   residual if mode == ops.RES_RELOAD else None)
@@ -56,24 +48,21 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True: no double backward, as torch says
+        """The kernels' backward. Grad mode is off here (autograd's default in backward),
+        so nothing records a graph; with create_graph=True it is on, and the same
+        backward runs once_differentiable: no double backward, as torch says."""
+        if torch.is_grad_enabled():
             return _backward_once(ctx, dy)
-        return _backward(ctx, dy)
+        x, weight, bias, mean, s, *kept = ctx.saved_tensors
+        count, mask, residual = kept or (None, None, None)
+        _, _, _, batch, _, eps, activation, slope, comm, _ = ctx.spec
+        dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, batch, eps,
+                                      activation, ctx.needs_input_grad[:4], slope, residual,
+                                      mask, comm, count, ctx.plan, on_first_use)
+        return dx, dw, db, dz, None
 
 
-def _backward(ctx, dy):
-    """The kernels' backward; grad mode is off (autograd's default in backward), so
-    nothing here records a graph."""
-    x, weight, bias, mean, s, *kept = ctx.saved_tensors
-    count, mask, residual = kept or (None, None, None)
-    spec = ctx.spec
-    dx, dw, db, dz = ops.backward(dy, x, ctx.view, mean, s, weight, bias, spec.batch, spec.eps,
-                                  spec.activation, ctx.needs_input_grad[:4], spec.slope,
-                                  residual, mask, spec.comm, count, ctx.plan, on_first_use)
-    return dx, dw, db, dz, None
-
-
-_backward_once = once_differentiable(_backward)
+_backward_once = once_differentiable(BatchNormFunction.backward)
 
 
 def _c_apply():
@@ -90,7 +79,7 @@ def _c_apply():
 _C_APPLY = _c_apply()
 
 
-def batch_norm(x, weight, bias, residual, spec: Spec):
+def batch_norm(x, weight, bias, residual, spec: tuple):
     """BatchNormFunction.apply(x, weight, bias, residual, spec): y, differentiable in
     x, weight, bias and residual; running stats updated in place. Where nothing will
     be differentiated (no grad mode, or no input requiring grad: eval, inference) the

@@ -95,15 +95,14 @@ class SyncBatchNorm(_BatchNormAct, nn.SyncBatchNorm):
     def forward(self, input, residual=None):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        state = self._state()
-        rm, rv, training, momentum, nbt, count = self._bn_args(input, state)
+        rm, rv, weight, bias, training, momentum, nbt, count = self._bn_args(input)
         comm = None
         if training and self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
             if world_size >= _MIN_WORLD:
                 comm = _Collectives(group, world_size)
-        return _batch_norm(input, rm, rv, state[0], state[1], training, momentum, self.eps,
+        return _batch_norm(input, rm, rv, weight, bias, training, momentum, self.eps,
                            self.activation, nbt, residual, self._slope(), comm, count)
 
     @classmethod

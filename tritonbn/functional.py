@@ -179,13 +179,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps, None, num_batches_tracked, comm=comm, count=count)
             return reference.activate(y + residual, activation, negative_slope)
-    if _eager(input) and ops.uses_triton(input):
+    if _eager(input):
         # one autograd.Function around the host ops: SyncBatchNorm's collectives run from
         # Python between them, and eager calls skip the custom ops' dispatch (host time)
         return autograd.batch_norm(input, weight, bias, residual,
-                                   autograd.Spec(running_mean, running_var, num_batches_tracked,
-                                                 bool(training), momentum, eps, activation,
-                                                 negative_slope, comm, count))
+                                   (running_mean, running_var, num_batches_tracked,
+                                    bool(training), momentum, eps, activation, negative_slope,
+                                    comm, count))
     if count:  # the other paths count on the host, first: momentum=None reads the count
         num_batches_tracked.add_(1)
     if momentum is not None:
@@ -218,7 +218,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 
 def _eager(input) -> bool:
-    """Whether this call runs eagerly on a plain tensor, so the host ops can be called
-    directly (same kernels, same saved tensors, same results bit for bit: tests/
-    test_host.py). torch.compile, export and fake or subclassed tensors take the ops."""
-    return type(input) is torch.Tensor and not torch.compiler.is_compiling()
+    """Whether this call runs the kernels eagerly on a plain tensor, so the host ops can
+    be called directly (same kernels, same saved tensors, same results bit for bit:
+    tests/test_host.py): ops.uses_triton(input), inlined (host time, issue 14), outside
+    torch.compile and export. Fake or subclassed tensors take the ops."""
+    return (type(input) is torch.Tensor and (input.is_cuda or ops.interpreting())
+            and not torch.compiler.is_compiling())

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import (_batch_norm, activation_slope, check_activation, check_alpha,
-                         check_negative_slope)
+from .functional import _batch_norm, check_activation, check_alpha, check_negative_slope
 
 
 class _BatchNormAct:
@@ -30,51 +29,47 @@ class _BatchNormAct:
         self.alpha = check_alpha(alpha)
 
     def _slope(self) -> float:
-        """The kernels' scalar of the activation: negative_slope, or elu's alpha."""
-        return activation_slope(self.activation, self.negative_slope, self.alpha)
+        """The kernels' scalar of the activation: elu's alpha, else negative_slope
+        (functional.activation_slope, inlined: a call's host time, issue 14)."""
+        return self.alpha if self.activation == "elu" else self.negative_slope
 
-    def _state(self) -> tuple:
-        """(weight, bias, running_mean, running_var, num_batches_tracked), read from the
-        module's own dicts where they are registered there (Module.__getattr__ costs
-        ~0.8 µs a name, five names a call: issue 14), else as attributes (a
-        parametrization, or a name re-set as a plain attribute)."""
-        p, b = self._parameters, self._buffers
-        try:
-            return (p["weight"], p["bias"], b["running_mean"], b["running_var"],
-                    b["num_batches_tracked"])
-        except KeyError:
-            return (self.weight, self.bias, self.running_mean, self.running_var,
-                    self.num_batches_tracked)
-
-    def _bn_args(self, input, state) -> tuple:
-        """torch's _BatchNorm.forward up to its F.batch_norm call, given _state():
-        (running_mean, running_var, training, momentum, num_batches_tracked, count):
+    def _bn_args(self, input) -> tuple:
+        """torch's _BatchNorm.forward up to its F.batch_norm call: (running_mean,
+        running_var, weight, bias, training, momentum, num_batches_tracked, count):
         the running stats to use, whether to normalize with batch statistics, the
         momentum (None for the cumulative average over num_batches_tracked, read on
         the device), and whether the call counts its batch (num_batches_tracked += 1,
         which torch's module does here and tritonbn's statistics kernel does where it
-        can: functional._batch_norm)."""
+        can: functional._batch_norm). The state is read from the module's own dicts
+        where it is registered there (Module.__getattr__ costs ~0.8 µs a name, five
+        names a call: issue 14), else as attributes (a parametrization, or a name
+        re-set as a plain attribute)."""
         self._check_input_dim(input)
-        running_mean, running_var, nbt = state[2], state[3], state[4]
-        momentum = 0.0 if self.momentum is None else self.momentum
-        count = self.training and self.track_running_stats and nbt is not None
-        if count:
-            if self.momentum is None:
-                momentum = None  # 1/num_batches_tracked, read on the device
-        else:
-            nbt = None
-        if not self.training:
-            return (running_mean, running_var, running_mean is None and running_var is None,
-                    momentum, nbt, count)
-        if self.track_running_stats:
-            return running_mean, running_var, True, momentum, nbt, count
-        return None, None, True, momentum, nbt, count
+        p, b = self._parameters, self._buffers
+        try:
+            weight, bias, running_mean, running_var, nbt = (
+                p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                b["num_batches_tracked"])
+        except KeyError:
+            weight, bias, running_mean, running_var, nbt = (
+                self.weight, self.bias, self.running_mean, self.running_var,
+                self.num_batches_tracked)
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            if nbt is not None:  # counts its batch; momentum=None: 1/num_batches_tracked
+                return running_mean, running_var, weight, bias, True, momentum, nbt, True
+            return (running_mean, running_var, weight, bias, True,
+                    0.0 if momentum is None else momentum, None, False)
+        momentum = 0.0 if momentum is None else momentum
+        if self.training:
+            return None, None, weight, bias, True, momentum, None, False
+        return (running_mean, running_var, weight, bias,
+                running_mean is None and running_var is None, momentum, None, False)
 
     def forward(self, input, residual=None):
         """act(BatchNorm(input) + residual); residual is optional (see functional.batch_norm)."""
-        state = self._state()
-        rm, rv, training, momentum, nbt, count = self._bn_args(input, state)
-        return _batch_norm(input, rm, rv, state[0], state[1], training, momentum, self.eps,
+        rm, rv, weight, bias, training, momentum, nbt, count = self._bn_args(input)
+        return _batch_norm(input, rm, rv, weight, bias, training, momentum, self.eps,
                            self.activation, nbt, residual, self._slope(), None, count)
 
     def _act_repr(self):

@@ -594,8 +594,8 @@ def apply(x, v, mean, s, weight, bias, batch: bool, eps, activation, residual=No
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
-            batch: bool, momentum, eps, activation, *, residual=None, slope=0.01, comm=None,
-            count=False, first_use=None):
+            batch: bool, momentum, eps, activation, slope=0.01, comm=None, count=False,
+            first_use=None, residual=None):
     """y = act(batchnorm(x) [+ residual]): statistics, then apply. Returns y, the x the
     kernels read, its View, the per-channel (mean, s) that backward needs (s is invstd
     for batch statistics, running_var with FROM_VAR for eval), the bit mask backward
